@@ -1,0 +1,432 @@
+"""Graph IR: MXNet Symbol JSON <-> networkx.MultiDiGraph + params, the edit verbs passes use, verify().
+
+A node per Symbol JSON node, keyed by its unique name, with `op` ("null" for
+variables), `attrs` (strings exactly as MXNet writes them) and `extra` (any
+other JSON keys, kept verbatim). An edge per data dependency carries the
+producer's output `index`, the consumer's input `slot` and the entry
+`version` MXNet writes for mutated (auxiliary) inputs, so multi-output ops,
+repeated inputs and aux states round-trip exactly. `params` maps every
+parameter variable to a numpy array; variables listed in `input_names` are
+the graph's data inputs. Whether a parameter is an auxiliary state is derived
+from the operators (MXNet's list_auxiliary_states), never stored.
+"""
+from __future__ import annotations
+
+import copy as _copy
+import json
+import re
+from typing import Iterable, NamedTuple, Sequence
+
+import networkx as nx
+import numpy as np
+
+from .errors import GraphError
+
+
+class TensorRef(NamedTuple):
+    """One output of a node: (node name, output index, entry version)."""
+
+    node: str
+    index: int = 0
+    version: int = 0
+
+
+def _as_ref(tensor) -> TensorRef:
+    if isinstance(tensor, TensorRef):
+        return tensor
+    if isinstance(tensor, str):
+        return TensorRef(tensor)
+    return TensorRef(*tensor)
+
+
+def mxnet_error_line(err: Exception) -> str:
+    """The informative line of an MXNetError (MXNet appends stack traces)."""
+    text = str(err)
+    for line in text.splitlines():
+        line = line.strip()
+        if "Check failed" in line or "Error in operator" in line or "InferShape" in line:
+            return re.sub(r"^\[[\d:]+\] \S+: ", "", line)
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("Stack trace", "File ", "[bt]")):
+            return re.sub(r"^(MXNetError: )?\[[\d:]+\] \S+: ", "", line)
+    return text.strip()[:300]
+
+
+class Graph:
+    """A Symbol graph plus its parameters; see the module docstring."""
+
+    def __init__(self):
+        self.nx = nx.MultiDiGraph()
+        self.outputs: list[TensorRef] = []
+        self.params: dict[str, np.ndarray] = {}
+        self.input_names: list[str] = []
+        self.input_shapes: dict[str, tuple] = {}
+        self.json_attrs: dict = {}
+
+    # ------------------------------------------------------------------ load / emit
+    @classmethod
+    def from_json(cls, text: str, params: dict | None = None, input_names: Sequence[str] | None = None,
+                  source: str = "<symbol json>", params_source: str | None = None) -> "Graph":
+        """Parse Symbol JSON. Variables without a value in `params` are inputs unless
+        `input_names` is given, in which case every other variable must have a value."""
+        try:
+            doc = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
+            raise GraphError(f"{source}: not valid JSON ({err})") from None
+        graph = cls()
+        graph._read_doc(doc, source)
+        graph.params = {} if params is None else dict(params)
+        variables = [n for n in graph.nx if graph.op(n) == "null"]
+        if input_names is None:
+            graph.input_names = [n for n in variables if n not in graph.params]
+        else:
+            graph.input_names = list(input_names)
+        graph.check_params(params_source or source)
+        try:
+            graph.to_symbol()  # let MXNet validate ops and attributes now, not at first use
+        except GraphError as err:
+            raise GraphError(f"{source}: {err}") from None
+        return graph
+
+    def _read_doc(self, doc, source: str) -> None:
+        if not isinstance(doc, dict) or not isinstance(doc.get("nodes"), list):
+            raise GraphError(f"{source}: not a Symbol JSON (no 'nodes' list)")
+        if not isinstance(doc.get("heads"), list) or not doc["heads"]:
+            raise GraphError(f"{source}: Symbol JSON has no 'heads' (graph outputs)")
+        names: list[str] = []
+        for position, entry in enumerate(doc["nodes"]):
+            name = self._read_node(entry, position, names, source)
+            names.append(name)
+        self.outputs = [self._read_entry(h, len(names), names, source, "heads") for h in doc["heads"]]
+        attrs = doc.get("attrs", {})
+        self.json_attrs = _copy.deepcopy(attrs) if isinstance(attrs, dict) else {}
+
+    def _read_node(self, entry, position: int, names: list, source: str) -> str:
+        where = f"{source}: node #{position}"
+        if not isinstance(entry, dict):
+            raise GraphError(f"{where} is not an object")
+        name, op, inputs = entry.get("name"), entry.get("op"), entry.get("inputs", [])
+        if not isinstance(name, str) or not name:
+            raise GraphError(f"{where} has no name")
+        where = f"{source}: node '{name}'"
+        if not isinstance(op, str) or not op:
+            raise GraphError(f"{where} has no op")
+        if name in self.nx:
+            raise GraphError(f"{where}: the name is used twice; qgraph needs unique node names")
+        attrs = None
+        for key in ("attrs", "attr", "param"):
+            if key in entry:
+                attrs = entry[key]
+                break
+        attrs = {} if attrs is None else attrs
+        if not isinstance(attrs, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                  for k, v in attrs.items()):
+            raise GraphError(f"{where}: attrs must map strings to strings")
+        if not isinstance(inputs, list):
+            raise GraphError(f"{where}: inputs must be a list")
+        if op == "null" and inputs:
+            raise GraphError(f"{where}: a variable cannot have inputs")
+        extra = {k: _copy.deepcopy(v) for k, v in entry.items()
+                 if k not in ("name", "op", "inputs", "attrs", "attr", "param")}
+        self.nx.add_node(name, op=op, attrs=dict(attrs), extra=extra)
+        for slot, item in enumerate(inputs):
+            ref = self._read_entry(item, position, names, source, f"node '{name}' inputs")
+            self.nx.add_edge(ref.node, name, index=ref.index, slot=slot, version=ref.version)
+        return name
+
+    @staticmethod
+    def _read_entry(item, limit: int, names: list, source: str, where: str) -> TensorRef:
+        if (not isinstance(item, list) or len(item) not in (2, 3)
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in item)):
+            raise GraphError(f"{source}: {where}: entry {item!r} is not [node, output, version]")
+        node, index = item[0], item[1]
+        version = item[2] if len(item) == 3 else 0
+        if not 0 <= node < limit or index < 0 or version < 0:
+            raise GraphError(f"{source}: {where}: entry {item!r} refers to no earlier node")
+        return TensorRef(names[node], index, version)
+
+    def check_params(self, source: str = "params") -> None:
+        """Every non-input variable has a value; every value belongs to a variable."""
+        variables = {n for n in self.nx if self.op(n) == "null"}
+        for name in self.input_names:
+            if name not in variables:
+                raise GraphError(f"{source}: the graph has no input variable '{name}' "
+                                 f"(variables without values: {sorted(variables - set(self.params))[:8]})")
+        for name in sorted(variables - set(self.input_names)):
+            if name not in self.params:
+                users = sorted({c for c, _ in self.consumers(name)})
+                raise GraphError(f"{source}: no value for parameter '{name}' (used by {users[:3]})")
+        for name in sorted(self.params):
+            if name not in variables:
+                raise GraphError(f"{source}: has '{name}', which is not a variable of the graph")
+            if name in self.input_names:
+                raise GraphError(f"{source}: '{name}' is a graph input but also has a stored value")
+
+    def to_json(self) -> str:
+        order = self.topo_order()
+        position = {name: i for i, name in enumerate(order)}
+        nodes = []
+        for name in order:
+            data = self.nx.nodes[name]
+            entry = {"op": data["op"], "name": name}
+            if data["attrs"]:
+                entry["attrs"] = dict(data["attrs"])
+            entry["inputs"] = [[position[ref.node], ref.index, ref.version] for ref in self.inputs(name)]
+            entry.update(_copy.deepcopy(data["extra"]))
+            nodes.append(entry)
+        doc = {
+            "nodes": nodes,
+            "arg_nodes": [i for i, n in enumerate(order) if self.op(n) == "null"],
+            "heads": [[position[r.node], r.index, r.version] for r in self.outputs],
+            "attrs": _copy.deepcopy(self.json_attrs) or {"mxnet_version": ["int", 10901]},
+        }
+        return json.dumps(doc, indent=2)
+
+    def to_symbol(self):
+        import mxnet as mx
+
+        try:
+            return mx.sym.load_json(self.to_json())
+        except mx.base.MXNetError as err:
+            raise GraphError(f"MXNet rejects the graph: {mxnet_error_line(err)}") from None
+
+    @classmethod
+    def load(cls, source, input_shape=None, params=None, input_names=None) -> "Graph":
+        """From a HybridBlock/SymbolBlock (traced with `input_shape` if never run), a
+        `-symbol.json` path or a file prefix; see qgraph.io.load."""
+        from . import io
+
+        return io.load(source, input_shape=input_shape, params=params, input_names=input_names)
+
+    def save(self, prefix, epoch: int = 0):
+        """Write `prefix-symbol.json` and `prefix-0000.params` atomically."""
+        from . import io
+
+        return io.save(self, prefix, epoch)
+
+    def to_block(self, ctx=None):
+        """A SymbolBlock computing this graph."""
+        from . import io
+
+        return io.to_block(self, ctx)
+
+    def aux_names(self, symbol=None) -> set:
+        symbol = self.to_symbol() if symbol is None else symbol
+        return set(symbol.list_auxiliary_states())
+
+    def copy(self) -> "Graph":
+        other = Graph()
+        other.nx = self.nx.copy()
+        for name in other.nx:
+            data = other.nx.nodes[name]
+            data["attrs"] = dict(data["attrs"])
+            data["extra"] = _copy.deepcopy(data["extra"])
+        other.outputs = list(self.outputs)
+        other.params = dict(self.params)  # arrays are replaced by passes, never mutated in place
+        other.input_names = list(self.input_names)
+        other.input_shapes = dict(self.input_shapes)
+        other.json_attrs = _copy.deepcopy(self.json_attrs)
+        return other
+
+    # ------------------------------------------------------------------ queries
+    def __contains__(self, name) -> bool:
+        return name in self.nx
+
+    def __len__(self) -> int:
+        return self.nx.number_of_nodes()
+
+    def op(self, name: str) -> str:
+        return self.nx.nodes[name]["op"]
+
+    def attrs(self, name: str) -> dict:
+        """The node's attributes (read-only by convention; use set_attr to change)."""
+        return self.nx.nodes[name]["attrs"]
+
+    def nodes(self, op: str | Iterable[str] | None = None) -> list[str]:
+        """Node names in topological order, optionally only those with the given op(s)."""
+        order = self.topo_order()
+        if op is None:
+            return order
+        ops = {op} if isinstance(op, str) else set(op)
+        return [n for n in order if self.op(n) in ops]
+
+    def is_param(self, name: str) -> bool:
+        return name in self.params
+
+    def topo_order(self) -> list[str]:
+        rank = {name: i for i, name in enumerate(self.nx.nodes)}
+        try:
+            return list(nx.lexicographical_topological_sort(self.nx, key=rank.__getitem__))
+        except nx.NetworkXUnfeasible:
+            cycle = nx.find_cycle(self.nx)
+            raise GraphError(f"graph has a cycle through {[edge[0] for edge in cycle]}") from None
+
+    def inputs(self, name: str) -> list[TensorRef]:
+        """The tensors feeding `name`, ordered by input slot."""
+        edges = sorted(self.nx.in_edges(name, data=True), key=lambda e: e[2]["slot"])
+        return [TensorRef(src, d["index"], d["version"]) for src, _, d in edges]
+
+    def input_node(self, name: str, slot: int) -> str:
+        for src, _, d in self.nx.in_edges(name, data=True):
+            if d["slot"] == slot:
+                return src
+        raise GraphError(f"node '{name}' has no input in slot {slot}")
+
+    def consumers(self, tensor) -> list[tuple[str, int]]:
+        """(consumer, slot) pairs reading `tensor` (a node name means its output 0)."""
+        ref = _as_ref(tensor)
+        return sorted((dst, d["slot"]) for _, dst, d in self.nx.out_edges(ref.node, data=True)
+                      if d["index"] == ref.index)
+
+    def is_graph_output(self, tensor) -> bool:
+        ref = _as_ref(tensor)
+        return any(o.node == ref.node and o.index == ref.index for o in self.outputs)
+
+    def match_chain(self, ops: Sequence) -> list[list[str]]:
+        """Chains n0 -> n1 -> ... where n[i].op is in ops[i] (a str or a set) and
+        n[i]'s output 0 feeds n[i+1]'s data slot 0. Exclusivity is the caller's check."""
+        wanted = [{o} if isinstance(o, str) else set(o) for o in ops]
+        chains = [[n] for n in self.nodes() if self.op(n) in wanted[0]]
+        for allowed in wanted[1:]:
+            chains = [chain + [dst] for chain in chains for dst, slot in self.consumers(chain[-1])
+                      if slot == 0 and self.op(dst) in allowed]
+        return chains
+
+    # ------------------------------------------------------------------ edit verbs
+    def unique_name(self, base: str) -> str:
+        if base not in self.nx:
+            return base
+        i = 1
+        while f"{base}_{i}" in self.nx:
+            i += 1
+        return f"{base}_{i}"
+
+    def add_variable(self, name: str, value: np.ndarray | None = None, attrs: dict | None = None) -> str:
+        """A new variable; with a value it is a parameter, otherwise a graph input."""
+        name = self.unique_name(name)
+        self.nx.add_node(name, op="null", attrs=dict(attrs or {}), extra={})
+        if value is None:
+            self.input_names.append(name)
+        else:
+            self.params[name] = np.asarray(value)
+        return name
+
+    def add_node(self, op: str, name: str, inputs: Sequence, attrs: dict | None = None) -> str:
+        """A new operator node reading `inputs` (tensors or node names) in slot order."""
+        refs = [_as_ref(t) for t in inputs]
+        for ref in refs:
+            if ref.node not in self.nx:
+                raise GraphError(f"cannot add '{name}': input node '{ref.node}' does not exist")
+        name = self.unique_name(name)
+        self.nx.add_node(name, op=op, attrs={k: str(v) for k, v in (attrs or {}).items()}, extra={})
+        for slot, ref in enumerate(refs):
+            self.nx.add_edge(ref.node, name, index=ref.index, slot=slot, version=ref.version)
+        return name
+
+    def set_attr(self, name: str, key: str, value) -> None:
+        self.nx.nodes[name]["attrs"][key] = str(value)
+
+    def set_input(self, name: str, slot: int, tensor) -> None:
+        """Make slot `slot` of `name` read `tensor` instead of what it reads now."""
+        ref = _as_ref(tensor)
+        doomed = [(src, key) for src, _, key, d in self.nx.in_edges(name, keys=True, data=True)
+                  if d["slot"] == slot]
+        if not doomed:
+            raise GraphError(f"node '{name}' has no input in slot {slot}")
+        for src, key in doomed:
+            self.nx.remove_edge(src, name, key)
+        self.nx.add_edge(ref.node, name, index=ref.index, slot=slot, version=ref.version)
+
+    def add_input(self, name: str, tensor) -> int:
+        """Append `tensor` as the next input slot of `name` (e.g. a bias); returns the slot."""
+        ref = _as_ref(tensor)
+        slot = self.nx.in_degree(name)
+        self.nx.add_edge(ref.node, name, index=ref.index, slot=slot, version=ref.version)
+        return slot
+
+    def insert_on_edge(self, consumer: str, slot: int, op: str, name: str,
+                       attrs: dict | None = None, extra_inputs: Sequence = ()) -> str:
+        """consumer[slot] <- t   becomes   consumer[slot] <- new(t, *extra_inputs). Returns new."""
+        tensor = self.inputs(consumer)[slot]
+        new = self.add_node(op, name, [tensor, *extra_inputs], attrs)
+        self.set_input(consumer, slot, TensorRef(new))
+        return new
+
+    def replace_all_uses(self, old, new) -> None:
+        """Every consumer and graph output of tensor `old` reads tensor `new` instead."""
+        old, new = _as_ref(old), _as_ref(new)
+        for dst, slot in self.consumers(old):
+            self.set_input(dst, slot, new)
+        self.outputs = [new if (o.node, o.index) == (old.node, old.index) else o for o in self.outputs]
+
+    def replace_node(self, old: str, new: str) -> None:
+        """Every use of output i of `old` reads output i of `new`; `old` and its dead inputs go."""
+        indices = {d["index"] for _, _, d in self.nx.out_edges(old, data=True)}
+        indices |= {o.index for o in self.outputs if o.node == old}
+        for index in sorted(indices):
+            self.replace_all_uses(TensorRef(old, index), TensorRef(new, index))
+        self.remove_node(old)
+        self.cleanup()
+
+    def remove_node(self, name: str) -> None:
+        """Remove a node nobody reads; a variable's value goes with it."""
+        users = sorted({dst for _, dst in self.nx.out_edges(name)})
+        if users or any(o.node == name for o in self.outputs):
+            raise GraphError(f"cannot remove '{name}': still read by {users or ['the graph outputs']}")
+        self.nx.remove_node(name)
+        self.params.pop(name, None)
+
+    def cleanup(self) -> "Graph":
+        """Drop every node the outputs do not depend on (keeps graph inputs)."""
+        live = set()
+        for ref in self.outputs:
+            live.add(ref.node)
+            live |= nx.ancestors(self.nx, ref.node)
+        for name in [n for n in self.nx if n not in live and n not in self.input_names]:
+            self.nx.remove_node(name)
+            self.params.pop(name, None)
+        return self
+
+    # ------------------------------------------------------------------ checks
+    def infer_shapes(self, input_shapes: dict | None = None) -> dict[str, tuple]:
+        """Shapes of every argument and auxiliary state, inferred from the input shapes."""
+        import mxnet as mx
+
+        shapes = dict(self.input_shapes if input_shapes is None else input_shapes)
+        symbol = self.to_symbol()
+        try:
+            arg_shapes, _, aux_shapes = symbol.infer_shape(**shapes)
+        except mx.base.MXNetError as err:
+            raise GraphError(f"shape inference failed with inputs {shapes}: {mxnet_error_line(err)}") from None
+        if arg_shapes is None:
+            raise GraphError(f"shape inference is incomplete with inputs {shapes}")
+        names = symbol.list_arguments() + symbol.list_auxiliary_states()
+        return dict(zip(names, [tuple(s) for s in arg_shapes + aux_shapes]))
+
+    def verify(self) -> "Graph":
+        """Acyclic, every slot wired once, outputs exist, every parameter present and, when
+        the input shapes are known, of the inferred shape. Raises GraphError, returns self."""
+        self.topo_order()
+        for name in self.nx:
+            slots = sorted(d["slot"] for _, _, d in self.nx.in_edges(name, data=True))
+            if slots != list(range(len(slots))):
+                raise GraphError(f"node '{name}': input slots {slots} are not 0..{len(slots) - 1} once each")
+        if not self.outputs:
+            raise GraphError("graph has no outputs")
+        for ref in self.outputs:
+            if ref.node not in self.nx:
+                raise GraphError(f"graph output '{ref.node}' is not a node")
+        self.check_params("graph")
+        symbol = self.to_symbol()
+        if self.input_shapes:
+            inferred = self.infer_shapes()
+            for name, value in self.params.items():
+                if inferred.get(name) != tuple(value.shape):
+                    users = sorted({c for c, _ in self.consumers(name)})
+                    raise GraphError(f"parameter '{name}' has shape {tuple(value.shape)} but "
+                                     f"{users[:2]} needs {inferred.get(name)}")
+        n_outputs = len(symbol.list_outputs())
+        if n_outputs != len(self.outputs):
+            raise GraphError(f"graph declares {len(self.outputs)} outputs but MXNet sees {n_outputs}")
+        return self
