@@ -186,8 +186,69 @@ def save(graph: Graph, prefix, epoch: int = 0) -> tuple[Path, Path]:
         mx.nd.save(temps[1], arrays)
         os.replace(temps[1], params_path)
         os.replace(temps[0], symbol_path)
+    except OSError as err:
+        raise GraphError(f"cannot write {symbol_path} and {params_path.name}: {err.strerror or err}") from None
     finally:
         for tmp in temps:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return symbol_path, params_path
+
+
+_SPATIAL_GUESSES = (224, 32, 28, 299, 64, 96, 112, 128, 256, 331)
+
+
+def _first_weighted_consumer(graph: Graph, name: str, depth: int = 6):
+    """The first Convolution/FullyConnected reached from input `name` through data slots."""
+    frontier = [name]
+    for _ in range(depth):
+        following = []
+        for node in frontier:
+            for consumer, slot in graph.consumers(node):
+                if graph.op(consumer) in ("Convolution", "FullyConnected") and slot == 0:
+                    return consumer
+                if slot == 0:
+                    following.append(consumer)
+        frontier = following
+    return None
+
+
+def guess_input_shapes(graph: Graph) -> dict:
+    """Input shapes under which every parameter has its stored shape, for a graph that
+    declares none: channels from the first layer's weight, spatial sizes tried in turn.
+    Returns {} when nothing can be guessed; raises GraphError naming the parameter when
+    no guess fits the stored parameters."""
+    from . import attrs as A
+
+    if len(graph.input_names) != 1:
+        return {}
+    name = graph.input_names[0]
+    layer = _first_weighted_consumer(graph, name)
+    if layer is None or not graph.is_param(graph.inputs(layer)[1].node):
+        return {}
+    weight = graph.params[graph.inputs(layer)[1].node]
+    if graph.op(layer) == "FullyConnected":
+        candidates = [(1, weight.shape[1])]
+    else:
+        kernel = A.get_tuple(graph.attrs(layer), "kernel", (), layer)
+        channels = weight.shape[1] * A.get_int(graph.attrs(layer), "num_group", 1, layer)
+        candidates = [(1, channels) + (size,) * len(kernel) for size in _SPATIAL_GUESSES]
+    best = None
+    for candidate in candidates:
+        try:
+            inferred = graph.infer_shapes({name: candidate})
+        except GraphError:
+            continue
+        wrong = [p for p, v in graph.params.items() if inferred.get(p) != tuple(v.shape)]
+        if not wrong:
+            return {name: candidate}
+        if best is None or len(wrong) < len(best[1]):
+            best = (candidate, wrong, inferred)
+    if best is None:
+        return {}
+    candidate, wrong, inferred = best
+    param = wrong[0]
+    users = sorted({c for c, _ in graph.consumers(param)})
+    raise GraphError(f"parameter '{param}' has shape {tuple(graph.params[param].shape)} but {users[:2]} "
+                     f"needs {inferred.get(param)} (input shape guessed as {candidate}; "
+                     "pass the real input shape (--input-shape) if that is wrong)")

@@ -1,0 +1,137 @@
+"""tools/quantize_symbol.py: the happy path and one clear line for every kind of bad input."""
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+import qgraph
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOL = ROOT / "tools" / "quantize_symbol.py"
+MODEL = ROOT / "models" / "mnist_cnn"
+
+sys.path.insert(0, str(ROOT / "tools"))
+import quantize_symbol  # noqa: E402
+
+
+@pytest.fixture
+def model(tmp_path):
+    """A private copy of the bundled model, so a test may damage it."""
+    for suffix in ("-symbol.json", "-0000.params"):
+        shutil.copy(f"{MODEL}{suffix}", tmp_path / f"m{suffix}")
+    return tmp_path / "m"
+
+
+def _digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _run(argv, capsys):
+    rc = quantize_symbol.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_folds_bn_writes_outputs_and_prints_the_report(model, tmp_path, capsys):
+    out = tmp_path / "out" / "folded"
+    out.parent.mkdir()
+    rc, stdout, _ = _run([f"{model}-symbol.json", "--out", out, "--dump-graph", tmp_path / "dump"], capsys)
+    assert rc == 0
+    assert "fold_bn: 4 changed, 0 skipped" in stdout
+    assert sorted(p.name for p in out.parent.iterdir()) == ["folded-0000.params", "folded-symbol.json"]
+    assert (tmp_path / "dump" / "01_fold_bn.dot").exists()
+    x = mx.nd.array(np.random.RandomState(0).normal(size=(8, 1, 28, 28)))
+    before = qgraph.load(f"{model}-symbol.json").to_block()(x).asnumpy()
+    after = qgraph.load(f"{out}-symbol.json").to_block()(x).asnumpy()
+    assert np.abs(after - before).max() / np.abs(before).max() < 1e-4
+
+
+def _damage_json(model, how):
+    path = Path(f"{model}-symbol.json")
+    text = path.read_text()
+    path.write_text({"truncated": text[: len(text) // 2], "malformed": text.replace('"nodes"', '"nodes', 1),
+                     "not_symbol": '{"hello": 1}',
+                     "unknown_op": text.replace('"op": "Convolution"', '"op": "Convolution3000"', 1)}[how])
+
+
+def _damage_params(model, how):
+    path = f"{model}-0000.params"
+    arrays = mx.nd.load(path)
+    if how == "missing":
+        del arrays["arg:mnistcnn_conv1_weight"]
+    elif how == "extra":
+        arrays["arg:stray_weight"] = mx.nd.zeros((3,))
+    elif how == "wrong_shape":
+        arrays["arg:mnistcnn_conv3_weight"] = mx.nd.zeros((32, 32, 1, 1))
+    elif how == "garbage":
+        Path(path).write_bytes(b"\x00garbage" * 100)
+        return
+    mx.nd.save(path, arrays)
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda m: _damage_json(m, "truncated"), "m-symbol.json: not valid JSON"),
+    (lambda m: _damage_json(m, "malformed"), "m-symbol.json: not valid JSON"),
+    (lambda m: _damage_json(m, "not_symbol"), "m-symbol.json: not a Symbol JSON"),
+    (lambda m: _damage_json(m, "unknown_op"), "Convolution3000"),
+    (lambda m: _damage_params(m, "missing"), "no value for parameter 'mnistcnn_conv1_weight'"),
+    (lambda m: _damage_params(m, "extra"), "'stray_weight', which is not a variable"),
+    (lambda m: _damage_params(m, "wrong_shape"), "'mnistcnn_conv3_weight' has shape (32, 32, 1, 1)"),
+    (lambda m: _damage_params(m, "garbage"), "m-0000.params: not an MXNet params file"),
+    (lambda m: os.remove(f"{m}-symbol.json"), "m-symbol.json: no such symbol file"),
+    (lambda m: os.remove(f"{m}-0000.params"), "no params file beside it"),
+], ids=["truncated", "malformed", "not_symbol", "unknown_op", "missing_param", "extra_param", "wrong_shape",
+        "garbage_params", "no_symbol", "no_params"])
+def test_bad_input_gives_one_line_and_no_output(model, tmp_path, capsys, damage, expected):
+    damage(model)
+    inputs_before = _digest(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    rc, stdout, stderr = _run([f"{model}-symbol.json", "--out", out / "x"], capsys)
+    assert rc == 2
+    assert expected in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("quantize_symbol.py: error:")
+    assert list(out.iterdir()) == []
+    assert _digest(tmp_path) == inputs_before
+
+
+@pytest.mark.parametrize("argv_tail, expected", [
+    (["--passes", "fold_bn,frobnicate"], "unknown pass 'frobnicate'"),
+    (["--out", "{tmp}/no/such/folder/x"], "output folder '{tmp}/no/such/folder' does not exist"),
+    (["--out", "{tmp}/m"], "would overwrite the input files"),
+])
+def test_bad_flags_are_named(model, tmp_path, capsys, argv_tail, expected):
+    argv = [f"{model}-symbol.json"] + [a.format(tmp=tmp_path) for a in argv_tail]
+    before = _digest(tmp_path)
+    rc, _, stderr = _run(argv, capsys)
+    assert rc == 2 and expected.format(tmp=tmp_path) in stderr
+    assert _digest(tmp_path) == before
+
+
+def test_unwritable_output_leaves_nothing_behind(model, tmp_path, capsys):
+    # root may write anywhere on a normal file system, so use one no one can write: procfs
+    rc, _, stderr = _run([f"{model}-symbol.json", "--out", "/proc/qgraph-out"], capsys)
+    assert rc == 2 and "/proc" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not any(Path("/proc").glob("*qgraph-out*"))
+
+
+def test_cli_process_prints_no_traceback(model):
+    _damage_json(model, "truncated")
+    result = subprocess.run([sys.executable, str(TOOL), f"{model}-symbol.json"], capture_output=True, text=True,
+                            cwd=model.parent, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("quantize_symbol.py: error:")
+
+
+def test_help_explains_itself():
+    result = subprocess.run([sys.executable, str(TOOL), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for flag in ("--params", "--out", "--passes", "--dump-graph", "--input-shape"):
+        assert flag in result.stdout

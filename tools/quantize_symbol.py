@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Rewrite an exported MXNet model with qgraph passes and save the result.
+
+Loads MODEL-symbol.json (+ MODEL-0000.params), runs the pass pipeline, writes
+PREFIX-symbol.json + PREFIX-0000.params atomically and prints what each pass
+changed or skipped.
+
+examples:
+  python tools/quantize_symbol.py models/mnist_cnn-symbol.json --passes fold_bn --out out/mnist_folded
+  python tools/quantize_symbol.py model-symbol.json --params model-0010.params --dump-graph dumps/
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+PROG = "quantize_symbol.py"
+
+
+def _shape(text: str) -> tuple:
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 1,3,32,32") from None
+    if not shape or min(shape) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 1,3,32,32")
+    return shape
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    files = parser.add_argument_group("model files")
+    files.add_argument("symbol", help="exported symbol file, PREFIX-symbol.json")
+    files.add_argument("--params", help="parameters file (default: PREFIX-0000.params beside the symbol)")
+    files.add_argument("--out", help="output prefix (default: ./NAME-qgraph); writes OUT-symbol.json and "
+                                     "OUT-0000.params")
+    files.add_argument("--input-name", default="data", help="name of the data input variable (default: data)")
+    files.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
+                       help="input shape, used to verify parameter shapes (default: guessed from the "
+                            "first layer)")
+    pipeline = parser.add_argument_group("pipeline")
+    pipeline.add_argument("--passes", default="fold_bn",
+                          help="comma-separated passes to run in order (default: fold_bn); "
+                               "see --list-passes")
+    pipeline.add_argument("--list-passes", action="store_true", help="list the available passes and exit")
+    pipeline.add_argument("--no-verify", action="store_true",
+                          help="do not run Graph.verify() before the first and after each pass")
+    diagnostics = parser.add_argument_group("diagnostics")
+    diagnostics.add_argument("--dump-graph", metavar="DIR",
+                             help="write the graph after each pass as DIR/NN_pass.dot (+ .svg when "
+                                  "graphviz is installed), inserted/changed nodes highlighted")
+    diagnostics.add_argument("--dump-format", default="svg",
+                             help="comma-separated graphviz formats for --dump-graph (default: svg)")
+    diagnostics.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    return parser
+
+
+def default_out(symbol: str) -> str:
+    name = Path(symbol).name
+    name = name[: -len("-symbol.json")] if name.endswith("-symbol.json") else Path(name).stem
+    return f"{name}-qgraph"
+
+
+def run(args) -> int:
+    import qgraph
+    import passes
+    from qgraph.io import ensure_writable_folder, guess_input_shapes, symbol_and_params_paths
+
+    pipeline = passes.build_pipeline(args.passes)
+    out = args.out or default_out(args.symbol)
+    symbol_path, params_path = symbol_and_params_paths(args.symbol, args.params)
+    if not symbol_path.is_file():
+        raise qgraph.GraphError(f"{symbol_path}: no such symbol file")
+    if params_path is None:
+        raise qgraph.GraphError(f"{symbol_path}: no params file beside it; pass --params")
+    out_files = {Path(f"{out}-symbol.json").resolve(), Path(f"{out}-0000.params").resolve()}
+    if {symbol_path.resolve(), params_path.resolve()} & out_files:
+        raise qgraph.ConfigError(f"--out {out} would overwrite the input files; choose another prefix")
+    ensure_writable_folder(out)
+
+    graph = qgraph.load_files(symbol_path, params_path, input_names=[args.input_name])
+    if args.input_shape:
+        graph.input_shapes = {args.input_name: args.input_shape}
+    elif not args.no_verify:
+        graph.input_shapes = guess_input_shapes(graph)
+    instruments = [qgraph.TimingInstrument()]
+    if args.dump_graph:
+        instruments.append(qgraph.DumpInstrument(args.dump_graph, formats=args.dump_format.split(",")))
+    result, report = qgraph.PassManager(pipeline, instruments, verify=not args.no_verify).run(graph)
+    written = qgraph.save(result, out)
+    if not args.quiet:
+        print(report.format())
+        print(f"nodes: {len(graph)} -> {len(result)}; wrote {written[0]} and {written[1]}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--list-passes" in argv:
+        import passes
+
+        for name, cls in sorted(passes.PASSES.items()):
+            print(f"{name:20s} {(cls.__module__ and sys.modules[cls.__module__].__doc__ or '').splitlines()[0]}")
+        return 0
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    from qgraph.errors import QGraphError
+
+    try:
+        return run(args)
+    except QGraphError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"{PROG}: error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
