@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from qgraph.errors import ConfigError
 
+from .exclude import Exclude
 from .fold_bn import FoldBN
+from .insert_fake_quant import InsertFakeQuant
 
-PASSES = {cls.name: cls for cls in (FoldBN,)}
+PASSES = {cls.name: cls for cls in (FoldBN, Exclude, InsertFakeQuant)}
 
 
 def get_pass(name: str):
@@ -21,3 +23,9 @@ def build_pipeline(names) -> list:
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     return [get_pass(n) for n in names]
+
+
+def default_pipeline(config) -> list:
+    """The passes a QuantConfig asks for: fold_bn when merge_bn, then exclude and insert_fake_quant."""
+    names = (["fold_bn"] if config.merge_bn else []) + ["exclude", "insert_fake_quant"]
+    return build_pipeline(names)

@@ -252,3 +252,15 @@ def guess_input_shapes(graph: Graph) -> dict:
     raise GraphError(f"parameter '{param}' has shape {tuple(graph.params[param].shape)} but {users[:2]} "
                      f"needs {inferred.get(param)} (input shape guessed as {candidate}; "
                      "pass the real input shape (--input-shape) if that is wrong)")
+
+
+def export_block(block, prefix) -> tuple[Path, Path]:
+    """HybridBlock.export, but atomic: export beside the target, then rename both files."""
+    folder = ensure_writable_folder(prefix)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as staging:
+        staged = os.path.join(staging, "block")
+        block.export(staged)
+        targets = (Path(f"{prefix}-symbol.json"), Path(f"{prefix}-0000.params"))
+        os.replace(f"{staged}-0000.params", targets[1])
+        os.replace(f"{staged}-symbol.json", targets[0])
+    return targets

@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny Symbol graphs built from stock MXNet operators, with parameters.
+"""Shared pytest setup: MXNet downloads and caches go to a temporary folder, never ~/.mxnet,
+and gluoncv's import-time DeprecationWarnings are ignored.
 
-MXNET_HOME points at a temporary folder before MXNet is imported, so no test writes
-into the user's ~/.mxnet. Every model here is built in code (no downloads, no data files).
+Also the shared model fixtures: tiny Symbol graphs built from stock MXNet operators, with
+parameter values, built in code (no downloads, no data files). MXNET_HOME is set at import,
+before anything imports MXNet, and again per session by the `mxnet_home` fixture.
 """
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
-# tests/qgraph (a folder without __init__.py) must not shadow the qgraph package
+# tests/qgraph (a folder without __init__.py) must never shadow the qgraph package
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -20,18 +23,31 @@ os.environ["MXNET_HOME"] = tempfile.mkdtemp(prefix="qgraph-tests-mxnet-home-")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", category=UserWarning, module=r"mxnet(\..*)?")
 
-from typing import NamedTuple  # noqa: E402
-
 import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
 def pytest_configure(config):
-    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning")
+    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:gluoncv.*")
     config.addinivalue_line("filterwarnings", "ignore::UserWarning:mxnet.*")
+    config.addinivalue_line("markers", "slow: takes tens of seconds (deselect with -m 'not slow')")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mxnet_home(tmp_path_factory):
+    """MXNET_HOME points at a session temporary folder for every test."""
+    folder = tmp_path_factory.mktemp("mxnet_home")
+    old = os.environ.get("MXNET_HOME")
+    os.environ["MXNET_HOME"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("MXNET_HOME", None)
+    else:
+        os.environ["MXNET_HOME"] = old
+
+
+# ---------------------------------------------------------------------- tiny models with params
 class Model(NamedTuple):
     """A Symbol with parameter values: `params` maps bare names (no arg:/aux: prefix) to numpy."""
 
@@ -86,8 +102,8 @@ def make_model(symbol, input_shapes: dict, seed: int = 0) -> Model:
 def build_everything_symbol():
     """One of each operator shape the IR must round-trip: biased/unbiased, grouped and depthwise
     convolution, Deconvolution, FullyConnected, BatchNorm with fix_gamma True and False,
-    Activation, Pooling, Concat, a two-output split whose outputs are read swapped, an op
-    reading the same tensor twice, and several graph heads in an order that is not topological."""
+    Activation, Pooling, Concat, a two-output split whose outputs are read swapped, ops
+    reading the same tensor twice, and graph heads in an order that is not topological."""
     S = mx.sym
     data = S.var("data")
     conv1 = S.Convolution(data, num_filter=8, kernel=(3, 3), pad=(1, 1), name="conv1")
@@ -112,9 +128,7 @@ def build_everything_symbol():
     return S.Group([fc, split[1], bn2, pool])
 
 
-@pytest.fixture(scope="session")
-def everything() -> Model:
-    return make_model(build_everything_symbol(), {"data": (2, 3, 8, 8)}, seed=1)
+EVERYTHING_HEADS = (("fc", 0), ("split", 1), ("bn2", 0), ("pool", 0))
 
 
 def build_small_symbol():
@@ -127,31 +141,55 @@ def build_small_symbol():
     return S.FullyConnected(relu, num_hidden=5, name="fc0")
 
 
+def build_tiny_symbol():
+    """data -> conv (1x1, no bias) -> relu: the smallest graph for edit verbs."""
+    S = mx.sym
+    conv = S.Convolution(S.var("data"), num_filter=2, kernel=(1, 1), no_bias=True, name="c")
+    return S.Activation(conv, act_type="relu", name="r")
+
+
+@pytest.fixture(scope="session")
+def everything() -> Model:
+    return make_model(build_everything_symbol(), {"data": (2, 3, 8, 8)}, seed=1)
+
+
 @pytest.fixture(scope="session")
 def small() -> Model:
     return make_model(build_small_symbol(), {"data": (2, 3, 6, 6)}, seed=2)
 
 
-@pytest.fixture
-def small_graph(small):
+@pytest.fixture(scope="session")
+def tiny() -> Model:
+    return make_model(build_tiny_symbol(), {"data": (1, 2, 3, 3)}, seed=3)
+
+
+def graph_of(model: Model):
+    """A qgraph Graph of `model` with its input shapes set."""
     from qgraph import Graph
 
-    graph = Graph.from_json(small.json, small.params)
-    graph.input_shapes = dict(small.input_shapes)
+    graph = Graph.from_json(model.json, model.params)
+    graph.input_shapes = dict(model.input_shapes)
     return graph
+
+
+@pytest.fixture
+def small_graph(small):
+    return graph_of(small)
 
 
 @pytest.fixture
 def everything_graph(everything):
-    from qgraph import Graph
-
-    graph = Graph.from_json(everything.json, everything.params)
-    graph.input_shapes = dict(everything.input_shapes)
-    return graph
+    return graph_of(everything)
 
 
+@pytest.fixture
+def tiny_graph(tiny):
+    return graph_of(tiny)
+
+
+# ---------------------------------------------------------------------- running graphs with mx.nd
 def run_symbol(symbol, params: dict, inputs: dict) -> list:
-    """Forward `symbol` (inference mode) with mx.nd through a bound executor; numpy outputs."""
+    """Forward `symbol` (inference mode) through a bound executor; numpy outputs."""
     aux_names = set(symbol.list_auxiliary_states())
     args = {k: mx.nd.array(v, dtype=v.dtype) for k, v in {**params, **inputs}.items() if k not in aux_names}
     aux = {k: mx.nd.array(v, dtype=v.dtype) for k, v in params.items() if k in aux_names}
@@ -167,14 +205,5 @@ def run_block(block, inputs: dict, names) -> list:
 
 
 def run_graph(graph, inputs: dict) -> list:
-    """Forward a qgraph Graph via qgraph.to_block."""
+    """Forward a qgraph Graph through qgraph.to_block."""
     return run_block(graph.to_block(), inputs, graph.input_names)
-
-
-@pytest.fixture
-def tiny_chain():
-    """data -> conv(no bias) -> relu: the smallest graph for edit verbs."""
-    S = mx.sym
-    data = S.var("data")
-    conv = S.Convolution(data, num_filter=2, kernel=(1, 1), no_bias=True, name="c")
-    return make_model(S.Activation(conv, act_type="relu", name="r"), {"data": (1, 2, 3, 3)}, seed=3)

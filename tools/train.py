@@ -1,9 +1,14 @@
 #!/usr/bin/env python
 """Train an FP32 model and export it as PREFIX-symbol.json + PREFIX-0000.params.
 
-Today: the project's bundled networks on the bundled MNIST digits (offline).
-Example (how models/mnist_cnn was made):
+Networks: the project's bundled ones (mnist_cnn) or any gluoncv classification
+model name (built with classes=10). Data: the bundled MNIST digits or CIFAR-10
+RecordIO from --data-dir (default ../shared/data/cifar10). The export is
+rewritten after every epoch, so an interrupted run leaves the latest weights.
+
+How the shipped models were made:
     python tools/train.py --model mnist_cnn --out models/mnist_cnn
+    python tools/train.py --model cifar_resnet20_v1 --dataset cifar10 --epochs 24 --out models/cifar_resnet20_v1
 """
 from __future__ import annotations
 
@@ -14,18 +19,61 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-warnings.filterwarnings("ignore", category=DeprecationWarning)
+warnings.filterwarnings("ignore")
+
+PROG = "train.py"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="mnist_cnn", help="bundled network name (default: mnist_cnn)")
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs (default: 30)")
-    parser.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
-    parser.add_argument("--lr", type=float, default=0.003, help="Adam learning rate, cosine-decayed (default: 0.003)")
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="mnist_cnn", help="bundled network or gluoncv model name (default: mnist_cnn)")
+    parser.add_argument("--dataset", choices=("mnist", "cifar10"), default=None,
+                        help="default: mnist for mnist_cnn, cifar10 otherwise")
+    parser.add_argument("--data-dir", default=None, help="CIFAR-10 RecordIO folder (default: ../shared/data/cifar10)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: 30 mnist, 14 cifar10)")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: 64 mnist, 128 cifar10)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="peak learning rate, cosine-decayed (default: Adam 0.003 mnist, NAG 0.1 cifar10)")
+    parser.add_argument("--wd", type=float, default=None, help="weight decay (default: 1e-4 mnist, 5e-4 cifar10)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--out", required=True, help="export prefix, e.g. models/mnist_cnn")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    cifar = (args.dataset or ("mnist" if args.model == "mnist_cnn" else "cifar10")) == "cifar10"
+    args.dataset = "cifar10" if cifar else "mnist"
+    args.epochs = args.epochs or (14 if cifar else 30)
+    args.batch_size = args.batch_size or (128 if cifar else 64)
+    args.lr = args.lr or (0.1 if cifar else 0.003)
+    args.wd = args.wd if args.wd is not None else (5e-4 if cifar else 1e-4)
+    return args
+
+
+def build_net(name: str):
+    from qgraph import models
+
+    if name in models.BUNDLED:
+        return models.BUNDLED[name]()
+    from gluoncv.model_zoo import get_model
+
+    return get_model(name, classes=10)
+
+
+def batches(args, rng):
+    """Yield (data, label) NDArrays for one epoch of training."""
+    import mxnet as mx
+
+    from qgraph import data as D
+
+    if args.dataset == "mnist":
+        (x_train, y_train), _ = D.mnist_split()
+        order = rng.permutation(len(x_train))
+        for start in range(0, len(order), args.batch_size):
+            index = order[start:start + args.batch_size]
+            yield mx.nd.array(x_train[index]), mx.nd.array(y_train[index])
+    else:
+        iterator = D.cifar10_iter(args.data_dir, "train", args.batch_size, augment=True, seed=int(rng.randint(1 << 30)))
+        for batch in iterator:
+            yield batch.data[0].as_in_context(mx.cpu()), batch.label[0].as_in_context(mx.cpu())
 
 
 def main(argv=None) -> int:
@@ -36,39 +84,44 @@ def main(argv=None) -> int:
     from mxnet import autograd, gluon
     from tqdm import tqdm
 
-    from qgraph import models
-    from qgraph.data import mnist_split
-    from qgraph.errors import ConfigError
+    from qgraph import data as D
+    from qgraph.errors import QGraphError
     from qgraph.evaluate import top1
-    from qgraph.io import ensure_writable_folder
+    from qgraph.io import ensure_writable_folder, export_block
 
-    if args.model not in models.BUNDLED:
-        raise ConfigError(f"--model {args.model!r} is not a bundled network ({', '.join(models.BUNDLED)})")
-    ensure_writable_folder(args.out)
+    try:
+        ensure_writable_folder(args.out)
+        if args.dataset == "cifar10":
+            args.data_dir = args.data_dir or D.default_cifar10_dir()
+            if args.data_dir is None:
+                raise QGraphError("CIFAR-10 not found in ../shared/data/cifar10; pass --data-dir")
+            x_test, y_test = D.cifar10_arrays(args.data_dir, "test")
+            steps_per_epoch = 50000 // args.batch_size + 1
+        else:
+            _, (x_test, y_test) = D.mnist_split()
+            steps_per_epoch = (4000 + args.batch_size - 1) // args.batch_size
+        net = build_net(args.model)
+    except (QGraphError, FileNotFoundError, ValueError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
     mx.random.seed(args.seed)
-    np.random.seed(args.seed)
-    (x_train, y_train), (x_test, y_test) = mnist_split()
-    net = models.BUNDLED[args.model]()
+    rng = np.random.RandomState(args.seed)
     net.initialize(mx.init.MSRAPrelu(factor_type="in", slope=0))
     net.hybridize()
-    steps = args.epochs * ((len(x_train) + args.batch_size - 1) // args.batch_size)
-    schedule = mx.lr_scheduler.CosineScheduler(max_update=steps, base_lr=args.lr, final_lr=0)
-    trainer = gluon.Trainer(net.collect_params(), "adam", {"learning_rate": args.lr, "lr_scheduler": schedule,
-                                                           "wd": 1e-4})
+    schedule = mx.lr_scheduler.CosineScheduler(max_update=args.epochs * steps_per_epoch, base_lr=args.lr, final_lr=0)
+    optimizer = ("nag", {"momentum": 0.9}) if args.dataset == "cifar10" else ("adam", {})
+    trainer = gluon.Trainer(net.collect_params(), optimizer[0],
+                            {"learning_rate": args.lr, "lr_scheduler": schedule, "wd": args.wd, **optimizer[1]})
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-    rng = np.random.RandomState(args.seed)
     for epoch in range(args.epochs):
-        order = rng.permutation(len(x_train))
-        batches = range(0, len(order), args.batch_size)
-        for start in tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
-            index = order[start:start + args.batch_size]
-            data, label = mx.nd.array(x_train[index]), mx.nd.array(y_train[index])
+        for data, label in tqdm(batches(args, rng), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
+                                leave=False, mininterval=5):
             with autograd.record():
                 loss = loss_fn(net(data), label)
             loss.backward()
-            trainer.step(len(index))
+            trainer.step(data.shape[0])
         logging.info("epoch %d: test top-1 %.4f", epoch + 1, top1(net, x_test, y_test))
-    net.export(args.out)
+        export_block(net, args.out)
     logging.info("wrote %s-symbol.json and %s-0000.params", args.out, args.out)
     return 0
 

@@ -1,0 +1,65 @@
+"""QuantConfig: one validated, frozen place for every quantization choice and its default."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+QUANT_TYPES = ("layer", "group", "channel")
+ONLINE_STATS = ("max", "mean_max")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to simulate quantization.
+
+    weight_bits / input_bits: 2..16. quant_type: weight scale per layer, per group
+    (num_group slices) or per output channel. input_signed: False (one-sided uint, the
+    seed's default), True (int), or 'auto' (unsigned only where the producer is provably
+    non-negative). online: input thresholds from each batch (True) or calibrated
+    parameters (False). online_stat: 'max' (batch max, the default) or 'mean_max' (the
+    seed's mean of per-sample maxima, which clips the larger samples).
+    """
+
+    weight_bits: int = 8
+    quant_type: str = "layer"
+    quantize_input: bool = True
+    input_signed: object = False
+    input_bits: int = 8
+    online: bool = True
+    online_stat: str = "max"
+    merge_bn: bool = False
+    exclude_first_conv: bool = True
+    exclude_last_fc: bool = False
+    exclude: tuple = ()          # exact node names or regular expressions (full match)
+    exclude_ops: tuple = ()      # operator types, e.g. ("FullyConnected",)
+
+    def __post_init__(self):
+        for name in ("weight_bits", "input_bits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 16:
+                raise ConfigError(f"QuantConfig.{name}={value!r}: must be an integer in 2..16")
+        if self.quant_type not in QUANT_TYPES:
+            raise ConfigError(f"QuantConfig.quant_type={self.quant_type!r}: must be one of {', '.join(QUANT_TYPES)}")
+        if not (self.input_signed is True or self.input_signed is False or self.input_signed == "auto"):
+            raise ConfigError(f"QuantConfig.input_signed={self.input_signed!r}: must be True, False or 'auto'")
+        if self.online_stat not in ONLINE_STATS:
+            raise ConfigError(f"QuantConfig.online_stat={self.online_stat!r}: must be one of {', '.join(ONLINE_STATS)}")
+        for name in ("quantize_input", "online", "merge_bn", "exclude_first_conv", "exclude_last_fc"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"QuantConfig.{name}={getattr(self, name)!r}: must be True or False")
+        for name in ("exclude", "exclude_ops"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"QuantConfig.{name}={value!r}: must be a tuple of strings")
+            object.__setattr__(self, name, tuple(value))
+        for pattern in self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"QuantConfig.exclude: {pattern!r} is not a valid regular expression ({err})") from None
+
+    def replace(self, **changes) -> "QuantConfig":
+        return dataclasses.replace(self, **changes)

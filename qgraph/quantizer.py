@@ -1,0 +1,180 @@
+"""Fake-quant subgraphs made of stock MXNet operators, added to a Graph, and their removal.
+
+Arithmetic (DESIGN.md, "Quantizer arithmetic"):
+  weights, signed, b bits, per scale group g:  s = max|W_g| / (2^(b-1)-1),
+      Q(W) = clip(round(W / s), -(2^(b-1)-1), 2^(b-1)-1) * s
+  inputs, threshold T:  unsigned s = T / (2^b-1), clip to [0, T];
+      signed s = T / (2^(b-1)-1), clip to [-T, T];  Q(x) = round(clip(x) / s) * s
+MXNet's `round` rounds half away from zero. A zero scale is raised to 1e-30, so an
+all-zero group or input quantizes to exactly zero instead of NaN.
+
+Training form ("ste"): out = BlockGrad(Q) + (c - BlockGrad(c)) with c the clipped
+input (or W), which is exactly Q in the forward pass and has gradient 1 inside the
+clip range and 0 outside (straight-through estimator). The evaluation form is Q alone.
+
+Every node of a fake-quant subgraph carries the hidden attribute `__qgraph_fq__`
+(= its id); the exit node also carries the spec (`__qgraph_spec__`, JSON). MXNet keeps
+`__*__` attributes through save and load, so an exported graph can be taken apart again
+with `strip_fake_quant`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from .errors import GraphError
+from .graph import Graph, TensorRef
+
+FQ_TAG = "__qgraph_fq__"
+SPEC_TAG = "__qgraph_spec__"
+EXCLUDE_TAG = "__qgraph_exclude__"
+QUANTIZABLE_OPS = ("Convolution", "Deconvolution", "FullyConnected")
+MIN_SCALE = 1e-30
+
+
+def signed_levels(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def unsigned_levels(bits: int) -> int:
+    return 2 ** bits - 1
+
+
+@dataclass(frozen=True)
+class FakeQuantSpec:
+    """What one fake-quant subgraph computes. `layer` is the node whose input it feeds,
+    `slot` that input's slot. Weights: `reshape` groups W as (G, -1) (or finer for
+    Deconvolution channels) and `axes` are reduced for each scale. Inputs: `online`
+    thresholds come from the batch (`stat` 'max' or 'mean_max'), otherwise from the
+    parameter `threshold`."""
+
+    kind: str              # "weight" or "input"
+    layer: str
+    slot: int
+    bits: int
+    signed: bool = True
+    granularity: str = "layer"
+    reshape: tuple = (1, -1)
+    axes: tuple = (1,)
+    online: bool = True
+    stat: str = "max"
+    threshold: str = ""
+
+    @property
+    def id(self) -> str:
+        return f"{self.layer}_{'weight' if self.kind == 'weight' else 'data'}_fq"
+
+    @property
+    def levels(self) -> int:
+        return signed_levels(self.bits) if self.signed else unsigned_levels(self.bits)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "FakeQuantSpec":
+        fields = json.loads(text)
+        fields["reshape"], fields["axes"] = tuple(fields["reshape"]), tuple(fields["axes"])
+        return cls(**fields)
+
+
+class _Builder:
+    """Adds tagged nodes for one fake-quant subgraph."""
+
+    def __init__(self, graph: Graph, spec: FakeQuantSpec):
+        self.graph, self.spec = graph, spec
+
+    def op(self, op: str, suffix: str, inputs, **attrs) -> TensorRef:
+        attrs = {k: str(v) for k, v in attrs.items()}
+        attrs[FQ_TAG] = self.spec.id
+        return TensorRef(self.graph.add_node(op, f"{self.spec.id}_{suffix}", inputs, attrs))
+
+    def scale(self, magnitude: TensorRef) -> TensorRef:
+        step = self.op("_div_scalar", "step", [magnitude], scalar=float(self.spec.levels))
+        return self.op("_maximum_scalar", "scale", [step], scalar=MIN_SCALE)
+
+    def finish(self, clipped: TensorRef, quantized: TensorRef, ste: bool) -> TensorRef:
+        if not ste:
+            return quantized
+        frozen = self.op("BlockGrad", "frozen", [quantized])
+        passthrough = self.op("elemwise_sub", "passthrough", [clipped, self.op("BlockGrad", "clipped_frozen", [clipped])])
+        return self.op("elemwise_add", "ste", [frozen, passthrough])
+
+
+def _tag_exit(graph: Graph, exit_ref: TensorRef, spec: FakeQuantSpec) -> str:
+    graph.set_attr(exit_ref.node, SPEC_TAG, spec.to_json())
+    return exit_ref.node
+
+
+def add_weight_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True) -> str:
+    """layer[slot] <- W   becomes   layer[slot] <- Q(W). Returns the exit node."""
+    build = _Builder(graph, spec)
+    weight = graph.inputs(spec.layer)[spec.slot]
+    levels = spec.levels
+    grouped = build.op("Reshape", "grouped", [weight], shape=spec.reshape)
+    magnitude = build.op("max", "absmax", [build.op("abs", "abs", [grouped])], axis=spec.axes, keepdims=True)
+    scale = build.scale(magnitude)
+    integers = build.op("clip", "int", [build.op("round", "round", [build.op("broadcast_div", "div", [grouped, scale])])],
+                        a_min=float(-levels), a_max=float(levels))
+    quantized = build.op("reshape_like", "dequant", [build.op("broadcast_mul", "mul", [integers, scale]), weight])
+    exit_ref = build.finish(weight, quantized, ste)
+    graph.set_input(spec.layer, spec.slot, exit_ref)
+    return _tag_exit(graph, exit_ref, spec)
+
+
+def online_threshold(build: _Builder, x: TensorRef) -> TensorRef:
+    """The batch statistic an online input quantizer uses as its threshold, shape (1,)."""
+    spec = build.spec
+    source = build.op("abs", "abs", [x]) if spec.signed else x
+    if spec.stat == "mean_max":
+        stat = build.op("mean", "batch_stat", [build.op("max", "sample_max", [source], axis=(0,), exclude=True)])
+    else:
+        stat = build.op("max", "batch_stat", [source])
+    return build.op("BlockGrad", "threshold", [build.op("_maximum_scalar", "nonneg", [stat], scalar=0.0)])
+
+
+def add_input_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True) -> tuple[str, TensorRef | None]:
+    """layer[slot] <- x   becomes   layer[slot] <- Q(x). Returns (exit node, the online
+    threshold tensor or None when the threshold is the parameter `spec.threshold`)."""
+    build = _Builder(graph, spec)
+    x = graph.inputs(spec.layer)[spec.slot]
+    if spec.online:
+        threshold = online_threshold(build, x)
+    else:
+        if spec.threshold not in graph.params:
+            raise GraphError(f"{spec.id}: threshold parameter '{spec.threshold}' has no value")
+        threshold = TensorRef(spec.threshold)
+    if spec.signed:
+        lower = build.op("broadcast_maximum", "lower", [x, build.op("negative", "neg_threshold", [threshold])])
+    else:
+        lower = build.op("relu", "lower", [x])
+    clipped = build.op("broadcast_minimum", "clip", [lower, threshold])
+    scale = build.scale(threshold)
+    integers = build.op("round", "round", [build.op("broadcast_div", "div", [clipped, scale])])
+    quantized = build.op("broadcast_mul", "dequant", [integers, scale])
+    exit_ref = build.finish(clipped, quantized, ste)
+    graph.set_input(spec.layer, spec.slot, exit_ref)
+    return _tag_exit(graph, exit_ref, spec), (threshold if spec.online else None)
+
+
+def fake_quant_specs(graph: Graph) -> list[FakeQuantSpec]:
+    """The spec of every fake-quant subgraph in the graph, in topological order."""
+    return [FakeQuantSpec.from_json(graph.attrs(n)[SPEC_TAG]) for n in graph.nodes() if SPEC_TAG in graph.attrs(n)]
+
+
+def strip_fake_quant(graph: Graph, kinds=("weight", "input")) -> Graph:
+    """Remove the fake-quant subgraphs of the given kinds, wiring each layer back to the
+    tensor the subgraph quantized. Threshold parameters left unused are dropped with the
+    rest of the dead nodes: read them from `graph.params` first if they are needed."""
+    for exit_node in [n for n in graph.nodes() if SPEC_TAG in graph.attrs(n)]:
+        spec = FakeQuantSpec.from_json(graph.attrs(exit_node)[SPEC_TAG])
+        if spec.kind not in kinds:
+            continue
+        members = {n for n in graph.nx if graph.attrs(n).get(FQ_TAG) == spec.id}
+        sources = {ref for n in members for ref in graph.inputs(n)
+                   if ref.node not in members and ref.node != spec.threshold}
+        if len(sources) != 1:
+            raise GraphError(f"fake-quant subgraph '{spec.id}' reads {sorted(sources)}; expected one tensor")
+        graph.replace_all_uses(TensorRef(exit_node), sources.pop())
+    graph.cleanup()
+    return graph

@@ -1,0 +1,231 @@
+"""QuantizedNet: the block users hold to evaluate, calibrate and train a fake-quantized graph.
+
+It keeps the float graph and the fake-quant specs taken from a rewritten graph, and
+emits one SymbolBlock per mode (weights on/off, inputs on/off, online/offline
+thresholds, training form with straight-through gradients or the shorter evaluation
+form). Every emission shares one ParameterDict, so switching modes never copies or
+re-binds parameters, and an emission is built once and then reused. With quantization
+disabled the emission is the float graph itself, so outputs equal the float model's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+
+import mxnet as mx
+import numpy as np
+
+from .config import QuantConfig
+from .errors import ConfigError
+from .graph import Graph, TensorRef
+from .quantizer import (FQ_TAG, FakeQuantSpec, add_input_fake_quant, add_weight_fake_quant, fake_quant_specs,
+                        strip_fake_quant)
+
+log = logging.getLogger(__name__)
+
+
+def _threshold_name(spec: FakeQuantSpec) -> str:
+    return spec.threshold or f"{spec.layer}_data_threshold"
+
+
+def _make_params(graph: Graph, thresholds: set, ctx):
+    """A ParameterDict holding the graph's parameters; thresholds and aux states get no gradient."""
+    import mxnet as mx
+
+    params = mx.gluon.ParameterDict("")
+    aux = graph.aux_names()
+    for name, value in graph.params.items():
+        fixed = name in aux or name in thresholds
+        param = params.get(name, shape=value.shape, dtype=value.dtype, grad_req="null" if fixed else "write")
+        param.initialize(mx.init.Constant(0), ctx=ctx)
+        param.set_data(mx.nd.array(value, dtype=value.dtype))
+    return params
+
+
+class _Emission:
+    """One mode's SymbolBlock and its output count (a plain holder, so Gluon does not treat
+    the cache as an unregistered container of child blocks)."""
+
+    def __init__(self, block, n_outputs: int):
+        self.block, self.n_outputs = block, n_outputs
+
+
+def _symbol_block(graph: Graph, params):
+    import mxnet as mx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mx.gluon.SymbolBlock(graph.to_symbol(), [mx.sym.var(n) for n in graph.input_names], params=params)
+
+
+class QuantizedNet(mx.gluon.SymbolBlock):
+    """A SymbolBlock over a fake-quantized graph. Create with `QuantizedNet(graph)` (a graph
+    that went through insert_fake_quant), `qgraph.quantize(...)` or `QuantizedNet.load(prefix)`."""
+
+    def __init__(self, graph: Graph, ctx=None):
+        specs = fake_quant_specs(graph)
+        input_specs = [s for s in specs if s.kind == "input"]
+        thresholds = {s.threshold: graph.params[s.threshold] for s in input_specs if s.threshold}
+        float_graph = strip_fake_quant(graph.copy())
+        for spec in input_specs:
+            name = _threshold_name(spec)
+            value = thresholds.get(name, np.zeros(1, np.float32))
+            float_graph.add_variable(name, value.astype(np.float32), attrs={FQ_TAG: spec.id})
+        ctx = ctx or mx.cpu()
+        shared = _make_params(float_graph, {_threshold_name(s) for s in input_specs}, ctx)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            super().__init__(graph.to_symbol(), [mx.sym.var(n) for n in graph.input_names], params=shared)
+        self.ctx = ctx
+        self.float_graph = float_graph
+        self.input_specs = input_specs
+        self.weight_specs = [s for s in specs if s.kind == "weight"]
+        self.weights_on = bool(self.weight_specs)
+        self.inputs_on = bool(input_specs)
+        self.online = any(s.online for s in input_specs)
+        self.report = None
+        self._shared = shared
+        self._seen_threshold = {_threshold_name(s): not s.online for s in input_specs}
+        self._checked_signs = False
+        self._emissions: dict = {}
+        self._batch_stats: dict = {}
+
+    def collect_params(self, select=None):
+        """Every parameter of every mode: float weights, BN statistics, input thresholds."""
+        return self._shared if select is None else super().collect_params(select)
+
+    # ------------------------------------------------------------------ emissions
+    def emit(self, weights: bool, inputs: bool, online: bool, ste: bool = True, sign_probe: bool = False) -> Graph:
+        """The float graph with the requested fake-quant subgraphs. Online emissions add each
+        input's batch threshold as an extra output (for update_ema), and with `sign_probe`
+        each unsigned input's batch minimum after those."""
+        graph = self.float_graph.copy()
+        for spec in self.weight_specs if weights else ():
+            add_weight_fake_quant(graph, spec, ste=ste)
+        stats, minima = [], []
+        for spec in self.input_specs if inputs else ():
+            spec = dataclasses.replace(spec, online=online, threshold=_threshold_name(spec))
+            if sign_probe and not spec.signed:
+                minima.append(TensorRef(graph.add_node("min", f"{spec.id}_probe_min", [graph.inputs(spec.layer)[0]],
+                                                       {FQ_TAG: spec.id})))
+            _, stat = add_input_fake_quant(graph, spec, ste=ste)
+            if online:
+                stats.append(stat)
+        graph.outputs = graph.outputs + stats + minima
+        return graph
+
+    def _emission(self, key) -> _Emission:
+        if key not in self._emissions:
+            graph = self.emit(*key)
+            self._emissions[key] = _Emission(_symbol_block(graph, self._shared), len(graph.outputs))
+        return self._emissions[key]
+
+    def forward(self, x, *args):
+        from mxnet import autograd
+
+        inputs_on = self.inputs_on and bool(self.input_specs)
+        online = inputs_on and self.online
+        probe = online and not self._checked_signs and any(not s.signed for s in self.input_specs)
+        key = (self.weights_on and bool(self.weight_specs), inputs_on, online, autograd.is_recording(), probe)
+        outputs = self._emission(key).block(x, *args)
+        outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+        n_model, n_stats = len(self.float_graph.outputs), len(self.input_specs)
+        if online:
+            self._batch_stats = {_threshold_name(s): stat
+                                 for s, stat in zip(self.input_specs, outputs[n_model:n_model + n_stats])}
+        if probe:
+            self._warn_negative_unsigned(outputs[n_model + n_stats:])
+        return outputs[0] if n_model == 1 else outputs[:n_model]
+
+    def _warn_negative_unsigned(self, minima) -> None:
+        unsigned = [s for s in self.input_specs if not s.signed]
+        negative = [s.layer for s, m in zip(unsigned, minima) if float(m.asnumpy().min()) < 0]
+        if negative:
+            log.warning("unsigned input quantization clips negative values to 0 at %d layer(s): %s; "
+                        "consider input_signed='auto' or True", len(negative), ", ".join(negative))
+        self._checked_signs = True
+
+    # ------------------------------------------------------------------ modes
+    def enable_quantize(self) -> None:
+        self.weights_on, self.inputs_on = True, True
+
+    def disable_quantize(self) -> None:
+        self.weights_on, self.inputs_on = False, False
+
+    def quantize_input(self, enable: bool = True, online: bool = True) -> None:
+        """Switch input quantization on or off, with batch (online) or stored (offline) thresholds."""
+        if enable and not online:
+            unset = [name for name, seen in self._seen_threshold.items() if not seen]
+            if unset:
+                raise ConfigError(f"offline input quantization needs thresholds; {len(unset)} were never set "
+                                  f"(e.g. '{unset[0]}'): calibrate, or run update_ema() during online passes first")
+        self.inputs_on, self.online = enable, online
+
+    def update_ema(self, momentum: float = 0.9) -> None:
+        """Fold the last online batch's thresholds into the stored ones:
+        T <- momentum * T + (1 - momentum) * batch T (the first update takes the batch T)."""
+        if not self._batch_stats:
+            raise ConfigError("update_ema() needs an online forward pass first (quantize_input(online=True))")
+        for name, stat in self._batch_stats.items():
+            param = self._shared[name]
+            if self._seen_threshold[name]:
+                param.set_data(param.data(stat.context) * momentum + stat.reshape((1,)) * (1 - momentum))
+            else:
+                param.set_data(stat.reshape((1,)).copy())
+                self._seen_threshold[name] = True
+
+    def set_thresholds(self, thresholds: dict) -> None:
+        """Store thresholds given by layer name (as `thresholds()` returns them)."""
+        import mxnet as mx
+
+        by_layer = {s.layer: _threshold_name(s) for s in self.input_specs}
+        for layer, value in thresholds.items():
+            if layer not in by_layer:
+                raise ConfigError(f"'{layer}' has no quantized input; layers with one: {sorted(by_layer)[:5]}...")
+            self._shared[by_layer[layer]].set_data(mx.nd.array([float(value)]))
+            self._seen_threshold[by_layer[layer]] = True
+
+    def thresholds(self) -> dict[str, float]:
+        """Every input threshold, by the name of the layer whose input it quantizes."""
+        return {s.layer: float(self._shared[_threshold_name(s)].data().asnumpy()[0]) for s in self.input_specs}
+
+    # ------------------------------------------------------------------ graphs and files
+    def current_graph(self, ste: bool = True) -> Graph:
+        """The graph of the current mode with the current parameter values (no extra outputs)."""
+        online = self.inputs_on and self.online
+        graph = self.emit(self.weights_on, self.inputs_on, online, ste=ste)
+        graph.outputs = graph.outputs[:len(self.float_graph.outputs)]
+        graph.cleanup()
+        graph.params = {n: self._shared[n].data().asnumpy() for n in graph.params}
+        return graph
+
+    def export(self, prefix) -> tuple:
+        """Save the current mode as PREFIX-symbol.json + PREFIX-0000.params (stock MXNet ops;
+        `SymbolBlock.imports` loads it, `QuantizedNet.load` brings it back as a QuantizedNet)."""
+        from .io import save
+
+        return save(self.current_graph(), prefix)
+
+    @classmethod
+    def load(cls, prefix, ctx=None, input_names=("data",)) -> "QuantizedNet":
+        from .io import load
+
+        return cls(load(prefix, input_names=input_names), ctx=ctx)
+
+
+def quantize(source, config: QuantConfig | None = None, input_shape=None, ctx=None, instruments=()):
+    """Load `source` (block, graph or files), run the passes `config` asks for and return a QuantizedNet."""
+    import passes
+
+    from .io import load
+    from .pass_manager import PassManager
+
+    config = config or QuantConfig()
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"config must be a QuantConfig, not {type(config).__name__}")
+    graph = load(source, input_shape=input_shape)
+    rewritten, report = PassManager(passes.default_pipeline(config), instruments).run(graph, config)
+    net = QuantizedNet(rewritten, ctx=ctx)
+    net.report = report
+    return net

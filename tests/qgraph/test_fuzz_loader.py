@@ -1,0 +1,257 @@
+"""Fuzz Graph.from_json with mutated real Symbol JSON.
+
+Contract: for any text, `Graph.from_json(text, params)` either raises a QGraphError or returns
+a graph whose `verify()` passes; the same holds for `verify()` once the real input shape is
+known, and the graph's own emission (`to_json`) loads back. Anything else -- another exception
+type, a crash (MXNet aborts or segfaults on some malformed graphs) or a hang -- is a bug in the
+validator. Each example runs in a forked child so a crash is reported as a failing example
+instead of killing pytest.
+"""
+from __future__ import annotations
+
+import copy
+import faulthandler
+import json
+import os
+import select
+import signal
+import tempfile
+import traceback
+
+import mxnet as mx
+import pytest
+from conftest import build_everything_symbol, build_small_symbol, make_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qgraph import Graph, QGraphError
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork to survive MXNet crashes")
+
+MODELS = {
+    "small": make_model(build_small_symbol(), {"data": (2, 3, 6, 6)}, seed=2),
+    "everything": make_model(build_everything_symbol(), {"data": (2, 3, 8, 8)}, seed=1),
+}
+DOCS = {name: json.loads(model.json) for name, model in MODELS.items()}
+
+REGISTERED_OPS = sorted(mx.operator.get_all_registered_operators())
+ATTR_KEYS = ("kernel", "stride", "pad", "dilate", "num_filter", "num_group", "no_bias", "num_hidden",
+             "flatten", "act_type", "pool_type", "global_pool", "eps", "fix_gamma", "axis", "dim",
+             "num_outputs", "num_args", "layout", "target_shape", "squeeze_axis", "use_global_stats",
+             "__shape__", "__dtype__", "__init__", "__lr_mult__", "__storage_type__", "__profiler_scope__")
+GARBAGE_VALUES = ("", "(", "()", "(0, 0)", "(-1, -1)", "(3, 3, 3, 3, 3)", "-1", "0", "1", "99999999999",
+                  "1e309", "nan", "None", "True", "tru", "[1,2", "((1, 2), 3)", "relu", "\x00", "{}",
+                  '["zero", {}]', '["bogus"]', "(2147483648,)", "int8", "float16", "NHWC")
+BIG_INTS = (2**31 - 1, 2**31, 2**32, 2**32 + 1, 2**63, 10**20, -(2**31))
+EXTRA_KEYS = ("control_deps", "subgraphs", "backward_source_id", "attr", "param", "name2")
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 40) | st.sampled_from(BIG_INTS)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+# ------------------------------------------------------------------ mutations (doc -> doc)
+def _node_index(data, doc):
+    return data.draw(st.integers(0, len(doc["nodes"]) - 1), label="node")
+
+
+def delete_key(data, doc):
+    if data.draw(st.booleans(), label="top-level"):
+        key = data.draw(st.sampled_from(sorted(doc)), label="key")
+        del doc[key]
+    else:
+        node = doc["nodes"][_node_index(data, doc)]
+        key = data.draw(st.sampled_from(sorted(node)), label="key")
+        del node[key]
+    return doc
+
+
+def change_int(data, doc):
+    places = [("heads", j) for j in range(len(doc["heads"]))]
+    places += [(i, j) for i, n in enumerate(doc["nodes"]) for j in range(len(n["inputs"]))]
+    where, j = data.draw(st.sampled_from(places), label="entry")
+    entry = doc["heads"][j] if where == "heads" else doc["nodes"][where]["inputs"][j]
+    k = data.draw(st.integers(0, len(entry) - 1), label="field")
+    entry[k] = data.draw(st.integers(-3, len(doc["nodes"]) + 3) | st.sampled_from(BIG_INTS), label="value")
+    return doc
+
+
+def swap_op(data, doc):
+    node = doc["nodes"][_node_index(data, doc)]
+    node["op"] = data.draw(st.sampled_from(REGISTERED_OPS) | st.sampled_from([n["op"] for n in doc["nodes"]])
+                           | st.just("null") | st.text(max_size=12), label="op")
+    return doc
+
+
+def garbage_attr(data, doc):
+    if data.draw(st.integers(0, 9), label="graph attrs?") == 0:
+        doc.setdefault("attrs", {})["mxnet_version"] = data.draw(
+            st.sampled_from([["int", 800], ["int", 900], ["int", 10000], ["int", 10300], ["int", -1],
+                             ["str", "1.9"], [], "10901"]) | json_values, label="mxnet_version")
+        return doc
+    node = doc["nodes"][_node_index(data, doc)]
+    attrs = node.setdefault("attrs", {})
+    key = data.draw(st.sampled_from(sorted(attrs) + list(ATTR_KEYS)) | st.text(max_size=6), label="attr")
+    attrs[key] = data.draw(st.sampled_from(GARBAGE_VALUES) | st.text(max_size=10)
+                           | st.integers(-10, 10).map(str), label="value")
+    return doc
+
+
+def duplicate_node(data, doc):
+    nodes = doc["nodes"]
+    i = _node_index(data, doc)
+    j = data.draw(st.integers(0, len(nodes)), label="position")
+    clone = copy.deepcopy(nodes[i])
+    if data.draw(st.booleans(), label="rename"):
+        clone["name"] = f"{clone['name']}_dup"
+    nodes.insert(j, clone)
+    if data.draw(st.booleans(), label="keep references"):  # shift indices so old edges stay put
+        for entry in [e for n in nodes if n is not clone for e in n["inputs"]] + doc["heads"]:
+            if entry[0] >= j:
+                entry[0] += 1
+    return doc
+
+
+def drop_node(data, doc):
+    i = _node_index(data, doc)
+    del doc["nodes"][i]
+    if data.draw(st.booleans(), label="shift references"):
+        for entry in [e for n in doc["nodes"] for e in n["inputs"]] + doc["heads"]:
+            if entry[0] > i:
+                entry[0] -= 1
+    return doc
+
+
+def change_type(data, doc):
+    choice = data.draw(st.integers(0, 6), label="what")
+    value = data.draw(json_values, label="value")
+    node = doc["nodes"][_node_index(data, doc)]
+    if choice == 0:
+        doc[data.draw(st.sampled_from(sorted(doc)), label="key")] = value
+    elif choice == 1:
+        node[data.draw(st.sampled_from(sorted(node)), label="key")] = value
+    elif choice == 2 and node["inputs"]:
+        node["inputs"][data.draw(st.integers(0, len(node["inputs"]) - 1), label="slot")] = value
+    elif choice == 3:
+        doc["heads"][data.draw(st.integers(0, len(doc["heads"]) - 1), label="head")] = value
+    elif choice == 4:
+        doc["nodes"][_node_index(data, doc)] = value
+    else:  # an extra key MXNet may read (control_deps, subgraphs) and qgraph keeps verbatim
+        node[data.draw(st.sampled_from(EXTRA_KEYS), label="extra key")] = data.draw(
+            st.lists(st.integers(-2, len(doc["nodes"]) + 2), max_size=3) | st.just(value), label="extra")
+    return doc
+
+
+DOC_MUTATIONS = {f.__name__: f for f in (delete_key, change_int, swap_op, garbage_attr, duplicate_node,
+                                         drop_node, change_type)}
+
+
+def mutated_text(data, model_name: str, family: str) -> str:
+    doc = copy.deepcopy(DOCS[model_name])
+    if family == "truncate":
+        text = json.dumps(doc, indent=data.draw(st.sampled_from([None, 2]), label="indent"))
+        return text[: data.draw(st.integers(0, len(text) - 1), label="cut")]
+    names = sorted(DOC_MUTATIONS) if family == "mixed" else [family]
+    for _ in range(data.draw(st.integers(1, 3), label="rounds") if family == "mixed" else 1):
+        doc = DOC_MUTATIONS[data.draw(st.sampled_from(names), label="mutation")](data, doc)
+        if not _well_formed(doc):
+            break  # later mutations need a well-formed skeleton; this one already is malformed
+    return json.dumps(doc)
+
+
+def _entries_ok(entries) -> bool:
+    return isinstance(entries, list) and all(
+        isinstance(e, list) and e and all(type(v) is int for v in e) for e in entries)
+
+
+def _well_formed(doc) -> bool:
+    return (isinstance(doc, dict) and isinstance(doc.get("nodes"), list) and bool(doc["nodes"])
+            and all(isinstance(n, dict) and _entries_ok(n.get("inputs")) for n in doc["nodes"])
+            and bool(doc.get("heads")) and _entries_ok(doc["heads"]))
+
+
+# ------------------------------------------------------------------ the property, run in a child
+def check_loader(text: str, params, input_shapes: dict) -> str:
+    """'rejected' / 'accepted', or raises: the property under test."""
+    try:
+        graph = Graph.from_json(text, params)
+    except QGraphError:
+        return "rejected"
+    graph.verify()  # from_json accepted it: verify() must pass
+    Graph.from_json(graph.to_json(), graph.params).verify()  # and our own emission must load
+    if graph.input_names == list(input_shapes):
+        graph.input_shapes = dict(input_shapes)
+        try:
+            graph.verify()
+        except QGraphError:
+            return "rejected with shapes"
+    return "accepted"
+
+
+def run_forked(func, *args, timeout: float = 60.0) -> tuple[str, str]:
+    """Run func(*args) in a forked child: ('ok', result) | ('raised', traceback) | ('crashed', why).
+
+    The child's stderr goes to a temporary file whose tail is part of a crash report."""
+    read_fd, write_fd = os.pipe()
+    with tempfile.TemporaryFile() as stderr_file:
+        pid = os.fork()
+        if pid == 0:  # child: never return into pytest
+            os.close(read_fd)
+            faulthandler.disable()
+            os.dup2(stderr_file.fileno(), 2)
+            try:
+                message = "ok\n" + str(func(*args))
+            except BaseException:  # noqa: BLE001 - reporting every failure is the point
+                message = "raised\n" + traceback.format_exc()
+            with os.fdopen(write_fd, "w") as stream:
+                stream.write(message)
+            os._exit(0)
+        os.close(write_fd)
+        with os.fdopen(read_fd) as stream:
+            ready, _, _ = select.select([stream], [], [], timeout)  # readable: the child wrote or died
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return "crashed", f"no answer after {timeout} s (hang)"
+            text = stream.read()
+        _, status = os.waitpid(pid, 0)
+        stderr_file.seek(0)
+        stderr_tail = stderr_file.read().decode(errors="replace").strip().splitlines()[-12:]
+    if os.WIFSIGNALED(status):
+        return "crashed", f"killed by {signal.Signals(os.WTERMSIG(status)).name}\n" + "\n".join(stderr_tail)
+    if os.WEXITSTATUS(status) != 0 or "\n" not in text:  # MXNet's SIGSEGV handler exits with 255
+        return "crashed", f"exit status {os.WEXITSTATUS(status)}\n" + "\n".join(stderr_tail)
+    kind, _, detail = text.partition("\n")
+    return kind, detail
+
+
+def assert_loader_contract(text: str, model_name: str, with_params: bool) -> None:
+    model = MODELS[model_name]
+    kind, detail = run_forked(check_loader, text, model.params if with_params else None, model.input_shapes)
+    assert kind == "ok", (f"{kind}: {detail.strip().splitlines()[-1] if detail.strip() else ''}\n"
+                          f"params={'yes' if with_params else 'none'}\ninput JSON:\n{text}\n\n{detail}")
+
+
+FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
+                suppress_health_check=list(HealthCheck))
+
+
+# ------------------------------------------------------------------ sanity: the harness sees crashes
+def test_harness_reports_a_segfault_as_a_crash():
+    assert run_forked(lambda: 6 * 7) == ("ok", "42")
+    kind, detail = run_forked(lambda: os.kill(os.getpid(), signal.SIGSEGV))
+    assert kind == "crashed"  # MXNet's SIGSEGV handler prints a trace and exits with status 255
+    kind, detail = run_forked(lambda: os.kill(os.getpid(), signal.SIGKILL))
+    assert kind == "crashed" and detail.startswith("killed by SIGKILL")
+    kind, detail = run_forked(lambda: 1 / 0)
+    assert kind == "raised" and "ZeroDivisionError" in detail
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_unmutated_json_is_accepted(model_name):
+    model = MODELS[model_name]
+    assert check_loader(model.json, model.params, model.input_shapes) == "accepted"
+    assert check_loader(model.json, None, {"data": model.input_shapes["data"]}) in ("accepted", "rejected with shapes")
