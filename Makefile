@@ -14,8 +14,7 @@ $(VENV)/.installed: requirements.txt setup.py
 	touch $@
 
 demo: setup
-	mkdir -p out
-	$(PY) tools/quantize_symbol.py models/mnist_cnn-symbol.json --out out/mnist_cnn_folded --dump-graph out/dump
+	$(PY) tools/demo.py
 
 test: setup
 	$(PY) -m pytest

@@ -75,7 +75,7 @@ def _weight_grouping(graph: Graph, layer: str, config: QuantConfig) -> tuple[tup
 def _insert_weight(graph: Graph, layer: str, config: QuantConfig) -> str:
     reshape, axes = _weight_grouping(graph, layer, config)
     spec = FakeQuantSpec("weight", layer, 1, config.weight_bits, signed=True, granularity=config.quant_type,
-                         reshape=reshape, axes=axes)
+                         reshape=reshape, axes=axes, shape=tuple(graph.params[graph.inputs(layer)[1].node].shape))
     add_weight_fake_quant(graph, spec)
     return f"weight int{config.weight_bits} per {config.quant_type}"
 

@@ -56,6 +56,7 @@ class FakeQuantSpec:
     granularity: str = "layer"
     reshape: tuple = (1, -1)
     axes: tuple = (1,)
+    shape: tuple = ()      # the weight's shape
     online: bool = True
     stat: str = "max"
     threshold: str = ""
@@ -74,7 +75,8 @@ class FakeQuantSpec:
     @classmethod
     def from_json(cls, text: str) -> "FakeQuantSpec":
         fields = json.loads(text)
-        fields["reshape"], fields["axes"] = tuple(fields["reshape"]), tuple(fields["axes"])
+        for key in ("reshape", "axes", "shape"):
+            fields[key] = tuple(fields[key])
         return cls(**fields)
 
 
@@ -116,7 +118,9 @@ def add_weight_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True) -
     scale = build.scale(magnitude)
     integers = build.op("clip", "int", [build.op("round", "round", [build.op("broadcast_div", "div", [grouped, scale])])],
                         a_min=float(-levels), a_max=float(levels))
-    quantized = build.op("reshape_like", "dequant", [build.op("broadcast_mul", "mul", [integers, scale]), weight])
+    # Reshape to the stored shape: reshape_like fails MXNet's partial shape inference here
+    quantized = build.op("Reshape", "dequant", [build.op("broadcast_mul", "mul", [integers, scale])],
+                         shape=spec.shape)
     exit_ref = build.finish(weight, quantized, ste)
     graph.set_input(spec.layer, spec.slot, exit_ref)
     return _tag_exit(graph, exit_ref, spec)

@@ -3,11 +3,15 @@
 
 Loads MODEL-symbol.json (+ MODEL-0000.params), runs the pass pipeline, writes
 PREFIX-symbol.json + PREFIX-0000.params atomically and prints what each pass
-changed or skipped.
+changed or skipped. By default the pipeline is the one the quantization flags ask
+for (fold_bn with --merge-bn, exclude, insert_fake_quant); --passes picks passes
+by name instead. The output uses stock MXNet operators only: SymbolBlock.imports
+loads it, qgraph.QuantizedNet.load brings it back with its modes.
 
 examples:
+  python tools/quantize_symbol.py models/mnist_cnn-symbol.json --quant-type channel --out out/mnist_int8
+  python tools/quantize_symbol.py model-symbol.json --weight-bits-width 4 --input-signed auto --dump-graph dumps/
   python tools/quantize_symbol.py models/mnist_cnn-symbol.json --passes fold_bn --out out/mnist_folded
-  python tools/quantize_symbol.py model-symbol.json --params model-0010.params --dump-graph dumps/
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+from qgraph.cli import add_quant_args, config_from_args  # noqa: E402
 
 PROG = "quantize_symbol.py"
 
@@ -46,12 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="input shape, used to verify parameter shapes (default: guessed from the "
                             "first layer)")
     pipeline = parser.add_argument_group("pipeline")
-    pipeline.add_argument("--passes", default="fold_bn",
-                          help="comma-separated passes to run in order (default: fold_bn); "
-                               "see --list-passes")
+    pipeline.add_argument("--passes", default=None,
+                          help="comma-separated passes to run in order, e.g. fold_bn (default: the "
+                               "quantization pipeline the flags below describe); see --list-passes")
     pipeline.add_argument("--list-passes", action="store_true", help="list the available passes and exit")
     pipeline.add_argument("--no-verify", action="store_true",
                           help="do not run Graph.verify() before the first and after each pass")
+    add_quant_args(parser)
     diagnostics = parser.add_argument_group("diagnostics")
     diagnostics.add_argument("--dump-graph", metavar="DIR",
                              help="write the graph after each pass as DIR/NN_pass.dot (+ .svg when "
@@ -73,7 +80,8 @@ def run(args) -> int:
     import passes
     from qgraph.io import ensure_writable_folder, guess_input_shapes, symbol_and_params_paths
 
-    pipeline = passes.build_pipeline(args.passes)
+    config = config_from_args(args)
+    pipeline = passes.build_pipeline(args.passes) if args.passes else passes.default_pipeline(config)
     out = args.out or default_out(args.symbol)
     symbol_path, params_path = symbol_and_params_paths(args.symbol, args.params)
     if not symbol_path.is_file():
@@ -93,7 +101,7 @@ def run(args) -> int:
     instruments = [qgraph.TimingInstrument()]
     if args.dump_graph:
         instruments.append(qgraph.DumpInstrument(args.dump_graph, formats=args.dump_format.split(",")))
-    result, report = qgraph.PassManager(pipeline, instruments, verify=not args.no_verify).run(graph)
+    result, report = qgraph.PassManager(pipeline, instruments, verify=not args.no_verify).run(graph, config)
     written = qgraph.save(result, out)
     if not args.quiet:
         print(report.format())

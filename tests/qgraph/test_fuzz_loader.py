@@ -35,6 +35,7 @@ MODELS = {
 DOCS = {name: json.loads(model.json) for name, model in MODELS.items()}
 
 REGISTERED_OPS = sorted(mx.operator.get_all_registered_operators())
+OPS_IN_MODELS = sorted({n["op"] for doc in DOCS.values() for n in doc["nodes"]})
 ATTR_KEYS = ("kernel", "stride", "pad", "dilate", "num_filter", "num_group", "no_bias", "num_hidden",
              "flatten", "act_type", "pool_type", "global_pool", "eps", "fix_gamma", "axis", "dim",
              "num_outputs", "num_args", "layout", "target_shape", "squeeze_axis", "use_global_stats",
@@ -81,19 +82,23 @@ def change_int(data, doc):
 
 def swap_op(data, doc):
     node = doc["nodes"][_node_index(data, doc)]
-    node["op"] = data.draw(st.sampled_from(REGISTERED_OPS) | st.sampled_from([n["op"] for n in doc["nodes"]])
+    node["op"] = data.draw(st.sampled_from(REGISTERED_OPS) | st.sampled_from(OPS_IN_MODELS)
                            | st.just("null") | st.text(max_size=12), label="op")
     return doc
 
 
 def garbage_attr(data, doc):
     if data.draw(st.integers(0, 9), label="graph attrs?") == 0:
-        doc.setdefault("attrs", {})["mxnet_version"] = data.draw(
+        if not isinstance(doc.get("attrs"), dict):
+            doc["attrs"] = {}
+        doc["attrs"]["mxnet_version"] = data.draw(
             st.sampled_from([["int", 800], ["int", 900], ["int", 10000], ["int", 10300], ["int", -1],
                              ["str", "1.9"], [], "10901"]) | json_values, label="mxnet_version")
         return doc
     node = doc["nodes"][_node_index(data, doc)]
-    attrs = node.setdefault("attrs", {})
+    if not isinstance(node.get("attrs"), dict):
+        node["attrs"] = {}
+    attrs = node["attrs"]
     key = data.draw(st.sampled_from(sorted(attrs) + list(ATTR_KEYS)) | st.text(max_size=6), label="attr")
     attrs[key] = data.draw(st.sampled_from(GARBAGE_VALUES) | st.text(max_size=10)
                            | st.integers(-10, 10).map(str), label="value")
@@ -106,7 +111,7 @@ def duplicate_node(data, doc):
     j = data.draw(st.integers(0, len(nodes)), label="position")
     clone = copy.deepcopy(nodes[i])
     if data.draw(st.booleans(), label="rename"):
-        clone["name"] = f"{clone['name']}_dup"
+        clone["name"] = f"{clone.get('name')}_dup"
     nodes.insert(j, clone)
     if data.draw(st.booleans(), label="keep references"):  # shift indices so old edges stay put
         for entry in [e for n in nodes if n is not clone for e in n["inputs"]] + doc["heads"]:

@@ -1,0 +1,69 @@
+"""Command-line flags shared by the tools: the quantization options and how they become a QuantConfig.
+
+The flag names follow the seed's simulate_quantization.py, so the same options read
+the same in every qgraph tool.
+"""
+from __future__ import annotations
+
+import argparse
+
+from .config import QuantConfig
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
+def _signed(text: str):
+    return "auto" if text.strip().lower() == "auto" else _bool(text)
+
+
+def _bits(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 2 <= value <= 16:
+        raise argparse.ArgumentTypeError(f"{value} is outside 2..16")
+    return value
+
+
+def add_quant_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The quantization flags, as one argument group."""
+    group = parser.add_argument_group("quantization")
+    group.add_argument("--weight-bits-width", type=_bits, default=8, metavar="B",
+                       help="weight bits, 2..16 (default: 8)")
+    group.add_argument("--quant-type", choices=("layer", "group", "channel"), default="layer",
+                       help="weight scale per layer, per group or per output channel (default: layer)")
+    group.add_argument("--input-signed", type=_signed, default=False, metavar="{false,true,auto}",
+                       help="quantize inputs as signed ints; auto = unsigned only after ReLU-like producers "
+                            "(default: false, one-sided uint as in the seed)")
+    group.add_argument("--input-bits-width", type=_bits, default=8, metavar="B", help="input bits, 2..16 (default: 8)")
+    group.add_argument("--no-quantize-input", action="store_true", help="quantize weights only")
+    group.add_argument("--quantize-input-offline", action="store_true",
+                       help="use stored (calibrated) input thresholds instead of each batch's maximum")
+    group.add_argument("--online-stat", choices=("max", "mean_max"), default="max",
+                       help="online threshold: batch max, or the seed's mean of per-sample maxima (default: max)")
+    group.add_argument("--merge-bn", action="store_true", help="fold BatchNorm into the layers first")
+    group.add_argument("--exclude-first-conv", type=_bool, default=True, metavar="{true,false}",
+                       help="keep the first convolution in float (default: true)")
+    group.add_argument("--exclude-last-fc", action="store_true", help="keep the last FullyConnected in float")
+    group.add_argument("--exclude", action="append", default=[], metavar="NAME_OR_REGEX",
+                       help="keep this node in float: an exact name or a regex matching whole names (repeatable)")
+    group.add_argument("--exclude-op", action="append", default=[], metavar="OP",
+                       help="keep every node of this op type in float, e.g. FullyConnected (repeatable)")
+    return group
+
+
+def config_from_args(args) -> QuantConfig:
+    return QuantConfig(weight_bits=args.weight_bits_width, quant_type=args.quant_type,
+                       quantize_input=not args.no_quantize_input, input_signed=args.input_signed,
+                       input_bits=args.input_bits_width, online=not args.quantize_input_offline,
+                       online_stat=args.online_stat, merge_bn=args.merge_bn,
+                       exclude_first_conv=args.exclude_first_conv, exclude_last_fc=args.exclude_last_fc,
+                       exclude=tuple(args.exclude), exclude_ops=tuple(args.exclude_op))
