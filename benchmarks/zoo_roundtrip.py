@@ -4,13 +4,17 @@
 For each model: build it with seeded random weights (He/MSRA fan-in init; the default
 init makes deep nets output ~1e-15), run it once hybridized on a fixed random batch of
 two (outside autograd.record, so BatchNorm uses its running statistics), give every
-normalisation layer random statistics and affine parameters (so folding is not a no-op),
-and take that output as the reference. Then
+normalisation layer random gamma ~ U(0.5, 1.5), beta ~ N(0, 0.1) and random running
+statistics on the scale of the layer's actual input (mean ~ N(0, 0.1) * s, var ~
+U(0.5, 2) * s**2 with s**2 = mean(input**2); see scale_batchnorm_stats for why unscaled
+random statistics make deep nets too ill-conditioned to compare), and take that output as
+the reference. Then
 
 1. round trip: ``qgraph.Graph.load(net, input_shape=...)`` -> ``graph.to_block()``;
    the output must equal the reference bit for bit (``np.array_equal``);
 2. fold_bn: ``PassManager(passes.build_pipeline('fold_bn')).run(graph)`` ->
-   ``to_block()``; ``max|a - b| / max|ref| <= --tol`` (1e-4).
+   ``to_block()``; ``max|a - b| / max|ref| <= --tol`` (1e-4). A failure also reports how
+   far the model itself moves when its input is scaled by 1+1e-7 (its float32 conditioning).
 
 Which models are "image classification": a name from
 ``gluoncv.model_zoo.get_model_list()`` whose constructor (``model_zoo._models[name]``)
@@ -25,10 +29,11 @@ Detection, segmentation, pose, action recognition, depth and tracking models liv
 other modules and are excluded. ``--list`` prints the selection.
 
 Input size: ``cifar_*`` models get 32x32; the others the first of 64, 96, 128, 224, 299,
-331 at which the model builds and runs (inception v3 and the large nasnet need their
-native size). A model is skipped -- left out of N and listed with the reason -- only when
-it cannot be built offline (its constructor tries to download a file); any other error
-is a failure.
+331 at which the model builds and runs hybridized (squeezenet, densenet, residual
+attention and inception v3 need their native size). A model is skipped -- left out of N
+and listed with the reason -- only when it cannot be built offline (its constructor
+downloads a file) or runs only imperatively (HybridBlock.export has no Symbol to write,
+e.g. gluoncv's GroupNorm in resnet*_v1b_gn); any other error is a failure.
 
 Results go to stdout: a line per model, the skipped models, the failures, the total time
 and, last, ``zoo roundtrip: K/N bit-exact, F/N fold_bn within 1e-4``. Progress (tqdm)
@@ -66,11 +71,11 @@ QUANTIZED_MODULE = "gluoncv.model_zoo.quantized.quantized"
 # Small, quick to build, and between them: plain/bottleneck/pre-activation residuals,
 # v1b/v1d stems, a pruned net, grouped and depthwise convolutions, channel shuffle,
 # squeeze-excitation, hard-swish, concatenations, FC heads with BatchNorm, a model without
-# BatchNorm, and a CIFAR net at 32x32.
+# BatchNorm, a pre-fused int8 graph (operators with nested subgraphs), a CIFAR net at 32x32.
 QUICK_MODELS = (
     "cifar_resnet20_v1", "resnet18_v1", "resnet18_v2", "resnet18_v1b_0.89", "resnet50_v1d",
     "se_resnet18_v1", "resnext50_32x4d", "mobilenet0.25", "mobilenetv2_0.25", "mobilenetv3_small",
-    "shufflenet_v1", "squeezenet1.1", "densenet121", "vgg11_bn",
+    "shufflenet_v1", "squeezenet1.1", "densenet121", "vgg11_bn", "mobilenet1.0_int8",
 )
 
 CIFAR_SIZES = (32,)
@@ -87,8 +92,16 @@ NORM_DRAWS = {
 }
 
 
-class Offline(Exception):
-    """The model's constructor needs a downloaded file."""
+OFFLINE = "cannot be built offline"
+NOT_HYBRIDIZABLE = "not hybridizable (no Symbol graph to export)"
+
+
+class Skip(Exception):
+    """The model cannot be part of the benchmark: `category` (OFFLINE, NOT_HYBRIDIZABLE), why."""
+
+    def __init__(self, category: str, reason: str):
+        super().__init__(reason)
+        self.category = category
 
 
 @dataclass
@@ -159,10 +172,11 @@ def _seed(seed: int) -> None:
 
 def _is_download_error(err: BaseException) -> bool:
     """True when `err` (or its cause) comes from fetching a file over the network."""
-    while err is not None:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
         module = type(err).__module__
-        text = str(err).lower()
-        if module.startswith(("requests", "urllib", "socket", "http")) or "download" in text:
+        if module.startswith(("requests", "urllib", "socket", "http")) or "download" in str(err).lower():
             return True
         err = err.__cause__ or err.__context__
     return False
@@ -179,46 +193,67 @@ def error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def build(name: str, seed: int = SEED):
-    """(net, input batch, size): the model at the first size it runs at, randomly initialised,
-    already run once hybridized. Raises Offline, or RuntimeError naming what failed."""
-    import mxnet as mx
+def _construct(name: str, seed: int):
     from gluoncv.model_zoo import get_model
 
+    _seed(seed)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return get_model(name, pretrained=False)
+    except Exception as err:  # noqa: BLE001 - a zoo constructor can raise anything
+        if _is_download_error(err):
+            raise Skip(OFFLINE, f"the constructor downloads a file ({error_text(err)})") from err
+        raise RuntimeError(f"cannot construct: {error_text(err)}") from err
+
+
+def _first_run(name: str, size: int, seed: int, hybridize: bool):
+    """(net, x): a fresh randomly initialised model after one forward at `size`."""
+    import mxnet as mx
+
+    net = _construct(name, seed)
+    x = mx.nd.array(np.random.RandomState(seed).normal(0.0, 1.0, (BATCH, 3, size, size)).astype(np.float32))
+    chatter = io.StringIO()  # MXNet prints "infer_shape error. Arguments: ..." to stdout
+    with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
+        warnings.simplefilter("ignore")
+        net.initialize(_initializer())
+        net.hybridize(active=hybridize)
+        net(x)
+        mx.nd.waitall()
+    return net, x
+
+
+def build(name: str, seed: int = SEED):
+    """(net, input batch, size): the model at the first size it runs at hybridized, randomly
+    initialised and run once. Raises Skip when it cannot be built offline or runs only
+    imperatively (no Symbol to export), RuntimeError naming what failed otherwise."""
     tried = []
     for size in input_sizes(name):
-        _seed(seed)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                net = get_model(name, pretrained=False)
-        except Exception as err:  # noqa: BLE001 - a zoo constructor can raise anything
-            if _is_download_error(err):
-                raise Offline(f"constructor needs a download ({error_text(err)})") from err
-            raise RuntimeError(f"cannot construct: {error_text(err)}") from err
-        data = np.random.RandomState(seed).normal(0.0, 1.0, (BATCH, 3, size, size)).astype(np.float32)
-        x = mx.nd.array(data)
-        chatter = io.StringIO()  # MXNet prints "infer_shape error. Arguments: ..." to stdout
-        try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
-                warnings.simplefilter("ignore")
-                net.initialize(_initializer())
-                net.hybridize()
-                net(x)
-                mx.nd.waitall()
+            net, x = _first_run(name, size, seed, hybridize=True)
+        except Skip:
+            raise
         except Exception as err:  # noqa: BLE001 - shape errors at a too-small size
             tried.append(f"{size}px: {error_text(err)}")
-            log.debug("%s does not run at %dpx: %s", name, size, tried[-1])
-            del net
+            log.debug("%s does not run hybridized at %dpx: %s", name, size, tried[-1])
             gc.collect()
             continue
         return net, x, size
+    for size in input_sizes(name):
+        try:
+            _first_run(name, size, seed, hybridize=False)
+        except Exception:  # noqa: BLE001 - fails imperatively too: a real failure, reported below
+            gc.collect()
+            continue
+        raise Skip(NOT_HYBRIDIZABLE, f"runs imperatively at {size}px but not hybridized, so "
+                                     f"HybridBlock.export has no Symbol to write ({tried[0]})")
     raise RuntimeError("runs at none of the sizes: " + "; ".join(tried))
 
 
 def randomize_norm_params(net, seed: int = SEED) -> int:
-    """Random running mean/var, gamma and beta for every normalisation layer; returns how many
-    parameters were set."""
+    """Random running mean/var, gamma and beta (NORM_DRAWS) for every normalisation layer;
+    returns how many parameters were set. scale_batchnorm_stats then rescales the running
+    statistics of Gluon BatchNorm layers to their inputs."""
     import mxnet as mx
 
     rng = np.random.RandomState(seed + 1)
@@ -233,44 +268,43 @@ def randomize_norm_params(net, seed: int = SEED) -> int:
     return count
 
 
-def calibrate_batchnorm(net, x) -> int:
-    """Set every Gluon BatchNorm's running mean/var to the statistics of its input on `x`;
-    returns how many layers. Momentum 0 and one recorded training-mode forward and backward
-    (MXNet updates running statistics in the backward pass), with Dropout and DropBlock off.
+def scale_batchnorm_stats(net, x, seed: int = SEED) -> int:
+    """Random running statistics on the scale of each Gluon BatchNorm's actual input: with
+    s2 = mean(input**2) on `x`, running_mean ~ N(0, 0.1) * sqrt(s2) and running_var ~
+    U(0.5, 2) * s2. Set layer by layer in one imperative inference forward (a forward pre-hook
+    on each BatchNorm, so every layer sees the statistics upstream layers already got);
+    returns how many layers.
 
-    With random running statistics alone a deep random net's activations drift by orders of
-    magnitude, and squeeze-excitation / split-attention gates then turn float32 rounding into
-    large output changes (se_resnet101_v1: a 1e-7 relative input perturbation moved the output
-    by 10%), so no float rewrite could stay within 1e-4. Calibrated statistics keep activations
-    O(1) as in a trained net; gamma and beta keep their random values.
+    Why: with unscaled random statistics activations drift by orders of magnitude through a
+    deep net and squeeze-excitation / split-attention gates then turn float32 rounding into
+    large output changes (se_resnet101_v1: a 1e-7 relative input change moved the output by
+    10%), so no float rewrite could stay within 1e-4. Exact per-channel statistics are no
+    better: centring each channel on two samples amplifies rounding as much (resnest101: 3e-3).
+    Scaled random statistics keep activations O(1) and the nets as well conditioned as the
+    float32 rounding of a single layer (about 1e-6).
     """
     import mxnet as mx
 
-    layers, saved = [], []
+    rng = np.random.RandomState(seed + 2)
+    layers = []
+    net.apply(lambda block: layers.append(block) if isinstance(block, mx.gluon.nn.BatchNorm) else None)
 
-    def visit(block):
-        if isinstance(block, mx.gluon.nn.BatchNorm):
-            layers.append(block)
-            saved.append((block._kwargs, "momentum", block._kwargs.get("momentum")))
-            block._kwargs["momentum"] = 0.0
-        elif isinstance(block, mx.gluon.nn.Dropout):
-            saved.append((block.__dict__, "_rate", block._rate))
-            block._rate = 0.0
-        elif hasattr(block, "drop_prob"):  # gluoncv.nn.DropBlock: fixed mask size when training
-            saved.append((block.__dict__, "drop_prob", block.drop_prob))
-            block.drop_prob = 0.0
+    def set_stats(layer, args):
+        data = args[0].asnumpy().astype(np.float64)
+        s2 = float(np.mean(data * data)) or 1.0
+        shape = layer.running_mean.shape
+        layer.running_mean.set_data(mx.nd.array(rng.normal(0.0, 0.1, shape) * np.sqrt(s2)))
+        layer.running_var.set_data(mx.nd.array(rng.uniform(0.5, 2.0, shape) * s2))
 
+    handles = [layer.register_forward_pre_hook(set_stats) for layer in layers]
     try:
-        net.apply(visit)
         if layers:
-            net.hybridize()  # drop the cached graph so the changed attributes are traced
-            with mx.autograd.record(train_mode=True):
-                out = net(x)
-            mx.autograd.backward(list(out) if isinstance(out, (list, tuple)) else [out])
+            net.hybridize(active=False)
+            net(x)
             mx.nd.waitall()
     finally:
-        for owner, key, value in saved:
-            owner[key] = value
+        for handle in handles:
+            handle.detach()
         net.hybridize()
     return len(layers)
 
@@ -316,7 +350,7 @@ def relative_diff(got: list, ref: list) -> float:
 
 # ---------------------------------------------------------------------------- one model
 def run_model(name: str, tol: float, seed: int = SEED) -> Result:
-    """Build, round trip and fold one model. Raises Offline; other errors land in `problems`."""
+    """Build, round trip and fold one model. Raises Skip; other errors land in `problems`."""
     import mxnet as mx
 
     import passes
@@ -327,7 +361,7 @@ def run_model(name: str, tol: float, seed: int = SEED) -> Result:
     try:
         net, x, result.size = build(name, seed)
         randomize_norm_params(net, seed)
-        calibrate_batchnorm(net, x)
+        scale_batchnorm_stats(net, x, seed)
         ref = outputs(net, x)
         if not all(np.isfinite(r).all() for r in ref):
             result.problems.append("reference output is not finite")
@@ -351,7 +385,7 @@ def run_model(name: str, tol: float, seed: int = SEED) -> Result:
                                    f"(the model itself moves by {sensitivity(net, x, ref):.3g} "
                                    "when its input is scaled by 1+1e-7)")
         del net, graph, folded
-    except Offline:
+    except Skip:
         raise
     except Exception as err:  # noqa: BLE001 - one model's failure must not stop the benchmark
         log.debug("%s failed", name, exc_info=True)
@@ -441,9 +475,9 @@ def main(argv=None) -> int:
                 bar.set_postfix_str(name)
                 try:
                     result = run_model(name, args.tol, args.seed)
-                except Offline as why:
-                    skipped.append((name, str(why)))
-                    log.info("%s skipped: %s", name, why)
+                except Skip as why:
+                    skipped.append((name, why.category, str(why)))
+                    log.info("%s skipped (%s): %s", name, why.category, why)
                     continue
                 results.append(result)
                 print(format_result(result), flush=True)
@@ -455,11 +489,14 @@ def main(argv=None) -> int:
 
 def report(results: list, skipped: list, total: float, tol: float) -> int:
     n = len(results)
+    print()
     k = sum(r.exact for r in results)
     f = sum(r.fold_ok for r in results)
-    print(f"\nskipped (cannot be built offline): {len(skipped) or 'none'}")
-    for name, why in skipped:
-        print(f"  {name}: {why}")
+    for category in (OFFLINE, NOT_HYBRIDIZABLE):
+        names = [(name, why) for name, cat, why in skipped if cat == category]
+        print(f"skipped, {category}: {len(names) or 'none'}")
+        for name, why in names:
+            print(f"  {name}: {why}")
     failures = [r for r in results if r.problems]
     print(f"failures: {len(failures) or 'none'}")
     for r in failures:

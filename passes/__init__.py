@@ -6,8 +6,9 @@ from qgraph.errors import ConfigError
 from .exclude import Exclude
 from .fold_bn import FoldBN
 from .insert_fake_quant import InsertFakeQuant
+from .insert_observers import InsertObservers
 
-PASSES = {cls.name: cls for cls in (FoldBN, Exclude, InsertFakeQuant)}
+PASSES = {cls.name: cls for cls in (FoldBN, Exclude, InsertFakeQuant, InsertObservers)}
 
 
 def get_pass(name: str):

@@ -66,3 +66,21 @@ def cifar10_arrays(data_dir, split: str = "test", limit: int | None = None):
             break
     images, labels = np.concatenate(images), np.concatenate(labels)
     return (images[:limit], labels[:limit]) if limit else (images, labels)
+
+
+def class_balanced_subset(labels, num_per_class: int, seed: int = 0) -> np.ndarray:
+    """Indices of `num_per_class` samples of every class (the seed's --num-sample), chosen with
+    a fixed seed and returned sorted. A class with too few samples is an error."""
+    from .errors import ConfigError
+
+    labels = np.asarray(labels).astype(np.int64).ravel()
+    if num_per_class < 1:
+        raise ConfigError(f"num_per_class={num_per_class}: must be at least 1")
+    rng = np.random.RandomState(seed)
+    chosen = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        if len(members) < num_per_class:
+            raise ConfigError(f"class {cls} has {len(members)} samples, fewer than num_per_class={num_per_class}")
+        chosen.append(rng.choice(members, num_per_class, replace=False))
+    return np.sort(np.concatenate(chosen))

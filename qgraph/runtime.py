@@ -51,7 +51,8 @@ class _Emission:
         self.block, self.n_outputs = block, n_outputs
 
 
-def _symbol_block(graph: Graph, params):
+def symbol_block(graph: Graph, params):
+    """A SymbolBlock computing `graph` whose parameters come from the shared ParameterDict `params`."""
     import mxnet as mx
 
     with warnings.catch_warnings():
@@ -113,12 +114,12 @@ class QuantizedNet(mx.gluon.SymbolBlock):
             if online:
                 stats.append(stat)
         graph.outputs = graph.outputs + stats + minima
-        return graph
+        return graph.cleanup()
 
     def _emission(self, key) -> _Emission:
         if key not in self._emissions:
             graph = self.emit(*key)
-            self._emissions[key] = _Emission(_symbol_block(graph, self._shared), len(graph.outputs))
+            self._emissions[key] = _Emission(symbol_block(graph, self._shared), len(graph.outputs))
         return self._emissions[key]
 
     def forward(self, x, *args):
@@ -174,6 +175,18 @@ class QuantizedNet(mx.gluon.SymbolBlock):
             else:
                 param.set_data(stat.reshape((1,)).copy())
                 self._seen_threshold[name] = True
+
+    def reset_thresholds(self) -> None:
+        """Forget stored thresholds: the next update_ema() starts from its batch."""
+        for name in self._seen_threshold:
+            self._seen_threshold[name] = False
+
+    def calibrate(self, data, mode: str = "naive", calib_epoch: int = 3, num_batches=None, **options) -> dict:
+        """Set every input threshold from calibration data and switch inputs to offline;
+        see qgraph.calibrate.calibrate. Returns layer -> {threshold, method, bits, signed}."""
+        from .calibrate import calibrate
+
+        return calibrate(self, data, mode=mode, calib_epoch=calib_epoch, num_batches=num_batches, **options)
 
     def set_thresholds(self, thresholds: dict) -> None:
         """Store thresholds given by layer name (as `thresholds()` returns them)."""

@@ -260,3 +260,81 @@ def test_unmutated_json_is_accepted(model_name):
     model = MODELS[model_name]
     assert check_loader(model.json, model.params, model.input_shapes) == "accepted"
     assert check_loader(model.json, None, {"data": model.input_shapes["data"]}) in ("accepted", "rejected with shapes")
+
+
+# ------------------------------------------------------------------ minimal failing examples found by the fuzz
+# Each is a one-line edit of a real Symbol JSON that Graph.from_json accepts but that then crashes
+# the process (or raises a raw MXNetError) in verify(). They are bugs in the validator (graph.py),
+# kept here as strict xfails: when the validator rejects them with a GraphError they XPASS and
+# the marker must go.
+def _edited(model_name: str, edit) -> str:
+    doc = copy.deepcopy(DOCS[model_name])
+    nodes = {n["name"]: n for n in doc["nodes"]}
+    index = {n["name"]: i for i, n in enumerate(doc["nodes"])}
+    edit(doc, nodes, index)
+    return json.dumps(doc)
+
+
+def _head_reads_missing_output(doc, nodes, index):
+    doc["heads"] = [[index["fc0"], 1, 0]]  # FullyConnected has one output; verify() segfaults
+
+
+def _input_reads_missing_output(doc, nodes, index):
+    # Convolution has one output. verify() passes without input shapes; with them MXNet reads past
+    # the node's outputs: a segfault for a large index, "shape inference incomplete" for index 1..2
+    nodes["relu0"]["inputs"] = [[index["conv0"], 100, 0]]
+
+
+def _split_with_one_output(doc, nodes, index):
+    nodes["split"]["attrs"]["num_outputs"] = "1"  # swap and a graph head still read split output 1
+
+
+def _batchnorm_without_inputs(doc, nodes, index):
+    nodes["bn0"]["inputs"] = []  # gamma, beta, mean, var become unused variables
+
+
+def _zero_groups(doc, nodes, index):
+    nodes["conv0"]["attrs"]["num_group"] = "0"  # integer division by zero in shape inference
+
+
+def _internal_op_as_head(doc, nodes, index):
+    nodes["fc0"]["op"] = "_backward_CachedOp"  # also _CustomFunction, _backward_Custom(Function)
+
+
+def _bug(reason):
+    return pytest.mark.xfail(strict=True, reason=f"BUG (qgraph/graph.py validator): {reason}")
+
+
+MINIMAL_FAILURES = [
+    pytest.param("small", _head_reads_missing_output, True, id="head-reads-output-1-of-FullyConnected",
+                 marks=_bug("a heads entry whose output index is >= the op's number of outputs is accepted; "
+                            "verify() segfaults in symbol.list_outputs()")),
+    pytest.param("small", _input_reads_missing_output, True, id="input-reads-output-100-of-Convolution",
+                 marks=_bug("an input entry whose output index is out of range is accepted; "
+                            "verify() with input_shapes segfaults in infer_shape")),
+    pytest.param("everything", _split_with_one_output, True, id="SliceChannel-num_outputs-lowered",
+                 marks=_bug("output indices are not checked against the op's num_outputs attr; "
+                            "verify() segfaults")),
+    pytest.param("small", _batchnorm_without_inputs, True, id="BatchNorm-with-no-inputs",
+                 marks=_bug("an op with no inputs (BatchNorm) is accepted; verify() with input_shapes "
+                            "segfaults in infer_shape")),
+    pytest.param("small", _zero_groups, True, id="Convolution-num_group-0",
+                 marks=_bug("num_group=0 is accepted; verify() with input_shapes dies of SIGFPE "
+                            "(also Deconvolution)")),
+    pytest.param("small", _internal_op_as_head, False, id="head-op-_backward_CachedOp",
+                 marks=_bug("verify() calls symbol.list_outputs() unguarded: a raw MXNetError "
+                            "('The any container is empty') escapes instead of a GraphError")),
+]
+
+
+@pytest.mark.parametrize("model_name, edit, with_params", MINIMAL_FAILURES)
+def test_minimal_failing_examples(model_name, edit, with_params):
+    assert_loader_contract(_edited(model_name, edit), model_name, with_params)
+
+
+def test_small_out_of_range_index_is_not_silently_accepted_with_shapes():
+    """Index 1 of a one-output op: no crash here, but verify() with shapes must not pass."""
+    model = MODELS["small"]
+    text = _edited("small", lambda doc, nodes, index: nodes["relu0"].__setitem__("inputs", [[index["conv0"], 1, 0]]))
+    kind, detail = run_forked(check_loader, text, model.params, model.input_shapes)
+    assert (kind, detail) in {("ok", "rejected"), ("ok", "rejected with shapes")}

@@ -1,0 +1,93 @@
+"""insert_observers: layer(x, ...)  =>  the same graph with calibration taps on x as extra outputs.
+
+Taps are computed inside the graph so calibration never copies whole activations
+to numpy: per-batch reductions ('max', 'min', 'absmax' -> shape (1,)) and, when a
+range is given, a histogram (MXNet's `_histogram`) of x, relu(x) or |x| over that
+fixed range (values outside it, such as exact zeros for a range starting above 0,
+are not counted). A tensor read by several layers is tapped once. Every tap node
+carries `__qgraph_tap__` = "<tensor>|<kind>", which is how a caller maps outputs
+back; taps are appended to `graph.outputs` after the model's own outputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qgraph.graph import Graph, TensorRef
+from qgraph.pass_manager import PassContext
+from qgraph.quantizer import EXCLUDE_TAG, QUANTIZABLE_OPS
+
+TAP_TAG = "__qgraph_tap__"
+REDUCTIONS = ("max", "min", "absmax")
+
+
+@dataclass(frozen=True)
+class HistogramTap:
+    """A histogram of `source(x)` ('x', 'relu' or 'abs') in `bins` bins over (low, high)."""
+
+    source: str
+    bins: int
+    low: float
+    high: float
+
+
+@dataclass
+class InsertObservers:
+    """Taps the data input of `layers` (default: every quantizable layer not excluded)."""
+
+    layers: tuple | None = None
+    reductions: tuple = REDUCTIONS
+    histograms: dict = field(default_factory=dict)   # tensor key -> HistogramTap
+    name: str = "insert_observers"
+    requires: tuple = ()
+
+    def run(self, graph: Graph, ctx: PassContext) -> Graph:
+        for key, tensor in observed_tensors(graph, self.layers).items():
+            for kind in self.reductions:
+                graph.outputs.append(_reduction(graph, tensor, key, kind))
+            if key in self.histograms:
+                graph.outputs.extend(_histogram(graph, tensor, key, self.histograms[key]))
+            ctx.report.changed(self.name, tensor.node, f"tapped {key}")
+        return graph
+
+
+def tensor_key(tensor: TensorRef) -> str:
+    return f"{tensor.node}:{tensor.index}"
+
+
+def observed_tensors(graph: Graph, layers=None) -> dict[str, TensorRef]:
+    """key -> tensor for the data input of each layer, in topological order, deduplicated."""
+    if layers is None:
+        layers = [n for n in graph.nodes(QUANTIZABLE_OPS) if EXCLUDE_TAG not in graph.attrs(n)]
+    tensors = {}
+    for layer in layers:
+        tensor = graph.inputs(layer)[0]
+        tensors.setdefault(tensor_key(tensor), tensor)
+    return tensors
+
+
+def _tag(key: str, kind: str) -> dict:
+    return {TAP_TAG: f"{key}|{kind}"}
+
+
+def _reduction(graph: Graph, tensor: TensorRef, key: str, kind: str) -> TensorRef:
+    stem = f"{tensor.node}_tap_{kind}"
+    if kind == "absmax":
+        source = TensorRef(graph.add_node("abs", f"{stem}_abs", [tensor], _tag(key, "abs")))
+        return TensorRef(graph.add_node("max", stem, [source], _tag(key, kind)))
+    return TensorRef(graph.add_node(kind, stem, [tensor], _tag(key, kind)))
+
+
+def tap_kind(graph: Graph, ref: TensorRef) -> str:
+    """"<tensor>|<kind>" of a tap output ('|hist_edges' for a histogram's second output)."""
+    return graph.attrs(ref.node)[TAP_TAG] + ("_edges" if ref.index else "")
+
+
+def _histogram(graph: Graph, tensor: TensorRef, key: str, tap: HistogramTap) -> list[TensorRef]:
+    """Counts and edges: both are outputs, since MXNet's histogram must write its edges."""
+    stem = f"{tensor.node}_tap_hist"
+    source = tensor
+    if tap.source in ("relu", "abs"):
+        source = TensorRef(graph.add_node(tap.source, f"{stem}_{tap.source}", [tensor], _tag(key, tap.source)))
+    node = graph.add_node("_histogram", stem, [source],
+                          {"bin_cnt": tap.bins, "range": f"({tap.low!r}, {tap.high!r})", **_tag(key, "hist")})
+    return [TensorRef(node, 0), TensorRef(node, 1)]

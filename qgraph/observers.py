@@ -1,0 +1,160 @@
+"""Threshold search from calibration statistics: vectorised numpy over every candidate at once.
+
+Histograms arrive already accumulated (see passes/insert_observers.py and
+qgraph/calibrate.py); each function returns one threshold T >= 0.
+
+- kl: the seed's method. `hist` holds |x| (or x for unsigned inputs) in `bins` equal
+  bins over (0, max], exact zeros left out. Candidate i keeps bins [0, i) with the
+  outliers added to the last one (P), merges them into `levels` (2^b unsigned,
+  2^(b-1) signed) groups, expands back by linear interpolation (Q) and minimises
+  KL(P || Q); T = (i + 0.5) * max / bins.
+- entropy: MXNet's variant (contrib/quantization.py, calibrate_entropy): a symmetric
+  histogram of x over (-max|x|, max|x|) with an odd bin count (8001), candidates
+  growing from the centre, 255 quantized bins (511 for unsigned data), eps smoothing.
+- percentile: the smallest bin edge below which `percentile` % of the mass lies.
+- mse: the candidate edge minimising the expected squared quantization error, with
+  rounding error s^2/12 inside the range and (x - T)^2 for clipped values.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_SMOOTH_EPS = 1e-4
+
+
+def kl_threshold(hist: np.ndarray, max_value: float, levels: int) -> float:
+    """The seed's KL search; `hist` covers (0, max_value] in len(hist) bins."""
+    hist = np.asarray(hist, dtype=np.float64)
+    bins = len(hist)
+    if max_value <= 0 or hist.sum() == 0:
+        return 0.0
+    if levels >= bins:
+        return float(max_value)
+    candidates = np.arange(levels, bins)                           # i: number of kept bins
+    k = np.arange(bins)
+    kept = k[None, :] < candidates[:, None]                        # (n, bins)
+    cumulative = np.concatenate([[0.0], np.cumsum(hist)])
+
+    # P: kept bins, outliers folded into bin i-1, normalised
+    reference = np.where(kept, hist[None, :], 0.0)
+    reference[np.arange(len(candidates)), candidates - 1] += cumulative[-1] - cumulative[candidates]
+    reference /= reference.sum(axis=1, keepdims=True)
+
+    # Q: bin k < i goes to level floor(k * levels / i); level j spans k in [ceil(j*i/L), ceil((j+1)*i/L))
+    j = np.arange(levels + 1)
+    edges = -(-(j[None, :] * candidates[:, None]) // levels)        # integer ceil, (n, L+1)
+    merged = cumulative[edges[:, 1:]] - cumulative[edges[:, :-1]]   # (n, L)
+    position = k[None, :] * levels / candidates[:, None]
+    floor = np.minimum(position.astype(np.int64), levels - 1)
+    ceil = np.minimum(np.ceil(position).astype(np.int64), levels - 1)
+    low = np.take_along_axis(merged, floor, axis=1)
+    high = np.take_along_axis(merged, ceil, axis=1)
+    expanded = (high - low) * (position - floor) + low
+    expanded = np.where(kept & (reference != 0), expanded, 0.0)
+    expanded /= expanded.sum(axis=1, keepdims=True)
+
+    usable = expanded != 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(usable, reference * np.log(np.where(usable, reference, 1.0) / np.where(usable, expanded, 1.0)), 0.0)
+    divergence = terms.sum(axis=1)
+    best = candidates[int(np.argmin(divergence))]
+    return float((best + 0.5) * (max_value / bins))
+
+
+def _smooth(distribution: np.ndarray, mask_zero: np.ndarray) -> np.ndarray:
+    """MXNet's _smooth_distribution, row-wise: zeros become eps, the rest give it back."""
+    zeros = mask_zero.sum(axis=1, keepdims=True)
+    nonzeros = distribution.shape[1] - zeros
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eps1 = np.where(nonzeros > 0, _SMOOTH_EPS * zeros / np.maximum(nonzeros, 1), 0.0)
+    return np.where(mask_zero, _SMOOTH_EPS, distribution - eps1)
+
+
+def entropy_threshold(hist: np.ndarray, edges: np.ndarray, num_quantized_bins: int = 255,
+                      unsigned: bool = False, block: int = 256) -> float:
+    """MXNet's entropy calibration on a symmetric histogram with an odd number of bins.
+    Candidates are processed `block` at a time to bound memory (8001 bins x 3874 candidates)."""
+    hist = np.asarray(hist, dtype=np.float64)
+    edges = np.asarray(edges, dtype=np.float64)
+    num_bins = len(hist)
+    if num_bins % 2 != 1:
+        raise ValueError(f"entropy calibration needs an odd number of bins, got {num_bins}")
+    if hist.sum() == 0:
+        return 0.0
+    if unsigned:
+        num_quantized_bins = num_quantized_bins * 2 + 1
+    zero_bin = num_bins // 2
+    half_q = num_quantized_bins // 2
+    candidates = np.arange(half_q, zero_bin + 1)
+    cumulative = np.concatenate([[0.0], np.cumsum(hist)])
+    divergence = np.concatenate([_entropy_block(hist, cumulative, candidates[s:s + block], zero_bin,
+                                                num_quantized_bins) for s in range(0, len(candidates), block)])
+    best = candidates[int(np.argmin(divergence))]
+    return float(edges[zero_bin + best + 1])
+
+
+def _entropy_block(hist, cumulative, candidates, zero_bin, num_quantized_bins):
+    n, width = len(candidates), 2 * int(candidates.max()) + 1
+    starts = zero_bin - candidates
+    lengths = 2 * candidates + 1
+    column = np.arange(width)
+    inside = column[None, :] < lengths[:, None]
+    index = np.minimum(starts[:, None] + column[None, :], len(hist) - 1)
+    sliced = np.where(inside, hist[index], 0.0)
+
+    reference = sliced.copy()
+    rows = np.arange(n)
+    reference[:, 0] += cumulative[starts]
+    reference[rows, lengths - 1] += cumulative[-1] - cumulative[starts + lengths]
+    nonzero = (reference != 0) & inside
+
+    merged_width = lengths // num_quantized_bins                    # bins per quantized bin
+    group = np.minimum(column[None, :] // np.maximum(merged_width[:, None], 1), num_quantized_bins - 1)
+    group = np.where(inside, group, num_quantized_bins)             # padding goes to a spare group
+    flat = (rows[:, None] * (num_quantized_bins + 1) + group).ravel()
+    size = n * (num_quantized_bins + 1)
+    quantized = np.bincount(flat, weights=sliced.ravel(), minlength=size).reshape(n, -1)
+    norm = np.bincount(flat, weights=nonzero.ravel().astype(np.float64), minlength=size).reshape(n, -1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_bin = np.where(norm > 0, quantized / norm, 0.0)
+    candidate = np.take_along_axis(per_bin, group, axis=1)
+    candidate = np.where(nonzero, candidate, 0.0)
+
+    p = _smooth(np.where(inside, reference, 0.0), ~nonzero & inside)
+    q = _smooth(candidate, (candidate == 0) & inside)
+    # rows with no mass in q get infinite divergence, as MXNet's ValueError path does
+    q_ok = ((candidate != 0) & inside).any(axis=1)
+    p = np.where(inside, p, 0.0)
+    q = np.where(inside, q, 1.0)
+    p_norm = p / p.sum(axis=1, keepdims=True)
+    q_norm = q / np.where(inside, q, 0.0).sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(inside & (p_norm > 0), p_norm * np.log(p_norm / q_norm), 0.0)
+    divergence = terms.sum(axis=1)
+    return np.where(q_ok, divergence, np.inf)
+
+
+def percentile_threshold(hist: np.ndarray, max_value: float, percentile: float = 99.99) -> float:
+    """Upper edge of the first bin where the cumulative mass reaches `percentile` %."""
+    hist = np.asarray(hist, dtype=np.float64)
+    total = hist.sum()
+    if max_value <= 0 or total == 0:
+        return 0.0
+    index = int(np.searchsorted(np.cumsum(hist), total * percentile / 100.0))
+    return float(min(index + 1, len(hist)) * max_value / len(hist))
+
+
+def mse_threshold(hist: np.ndarray, max_value: float, levels: int) -> float:
+    """Candidate bin edge T minimising sum_k h_k err_k(T) over bin centres c_k:
+    (T / levels)^2 / 12 for c_k <= T (rounding), (c_k - T)^2 beyond it (clipping)."""
+    hist = np.asarray(hist, dtype=np.float64)
+    bins = len(hist)
+    if max_value <= 0 or hist.sum() == 0:
+        return 0.0
+    width = max_value / bins
+    centres = (np.arange(bins) + 0.5) * width
+    thresholds = np.arange(1, bins + 1) * width
+    clipped = np.maximum(centres[None, :] - thresholds[:, None], 0.0) ** 2
+    rounding = ((thresholds / levels) ** 2 / 12.0)[:, None]
+    error = np.where(centres[None, :] <= thresholds[:, None], rounding, clipped)
+    return float(thresholds[int(np.argmin(error @ hist))])
