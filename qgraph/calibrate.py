@@ -157,9 +157,11 @@ def _histogram_thresholds(net, batches, mode, percentile, progress) -> dict:
                        _combine_reduction)
     _warn_negative_unsigned(net, key_of, ranges)
 
+    for key in observed_tensors(graph, layers):
+        ranges[f"{key}|absmax"] = np.maximum(ranges[f"{key}|max"], -ranges[f"{key}|min"])
     taps = {}
     for key in observed_tensors(graph, layers):
-        if not np.isfinite([ranges[f"{key}|{k}"][0] for k in ("max", "min", "absmax")]).all():
+        if not np.isfinite([ranges[f"{key}|{k}"][0] for k in ("max", "min")]).all():
             raise QGraphError(f"activations feeding {[l for l, k in key_of.items() if k == key][:3]} contain NaN or Inf")
         top = float(ranges[f"{key}|absmax"][0] if key in signed_keys else ranges[f"{key}|max"][0])
         if top <= 0:
@@ -167,9 +169,14 @@ def _histogram_thresholds(net, batches, mode, percentile, progress) -> dict:
         if mode == "entropy":
             taps[key] = HistogramTap("x", ENTROPY_BINS, -float(ranges[f"{key}|absmax"][0]), float(ranges[f"{key}|absmax"][0]))
         else:
-            taps[key] = HistogramTap("abs" if key in signed_keys else "relu", KL_BINS, top * 1e-9, top)
+            taps[key] = HistogramTap("abs" if key in signed_keys else "relu", KL_BINS, 0.0, top)
     histograms = _run_taps(net, batches, InsertObservers(layers=tuple(layers), reductions=(), histograms=taps),
                            progress, f"calibrate: {mode} histograms", lambda kind, old, new: old + new)
+    for key, tap in taps.items():
+        if tap.source != "x":  # the seed's histograms leave exact zeros out
+            hist = histograms[f"{key}|hist"].astype(np.float64)
+            hist[0] -= float(histograms[f"{key}|zeros"][0])
+            histograms[f"{key}|hist"] = hist
 
     thresholds = {}
     for spec in net.input_specs:

@@ -67,3 +67,33 @@ def config_from_args(args) -> QuantConfig:
                        online_stat=args.online_stat, merge_bn=args.merge_bn,
                        exclude_first_conv=args.exclude_first_conv, exclude_last_fc=args.exclude_last_fc,
                        exclude=tuple(args.exclude), exclude_ops=tuple(args.exclude_op))
+
+
+def _floats(text: str) -> tuple:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def add_calib_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The offline-calibration flags, as one argument group."""
+    from .calibrate import MODES
+
+    group = parser.add_argument_group("calibration (offline input thresholds)")
+    group.add_argument("--calib-mode", choices=MODES, default=None,
+                       help="naive: EMA of batch maxima (the seed); kl: the seed's KL search; entropy: MXNet's "
+                            "KL variant; percentile; mse. Implies --quantize-input-offline")
+    group.add_argument("--calib-epoch", type=int, default=3, help="passes over the data for naive (default: 3)")
+    group.add_argument("--calib-data", metavar="PATH",
+                       help="calibration images: a RecordIO .rec, a folder of images, or an .npy/.npz array")
+    group.add_argument("--num-sample", type=int, default=None,
+                       help="images per class for a class-balanced subset (needs labels; default: all)")
+    group.add_argument("--calib-batch-size", type=int, default=128, help="calibration batch size (default: 128)")
+    group.add_argument("--mean", type=_floats, default=None, metavar="R,G,B",
+                       help="per-channel mean (fractions of 255) for images read from .rec or folders")
+    group.add_argument("--std", type=_floats, default=None, metavar="R,G,B", help="per-channel std, as --mean")
+    group.add_argument("--percentile", type=float, default=99.99, help="for --calib-mode percentile (default: 99.99)")
+    group.add_argument("--fixed-random-seed", type=int, default=7,
+                       help="seed for the class-balanced subset (default: 7, as the seed)")
+    return group

@@ -84,3 +84,89 @@ def class_balanced_subset(labels, num_per_class: int, seed: int = 0) -> np.ndarr
             raise ConfigError(f"class {cls} has {len(members)} samples, fewer than num_per_class={num_per_class}")
         chosen.append(rng.choice(members, num_per_class, replace=False))
     return np.sort(np.concatenate(chosen))
+
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def _normalise(images: np.ndarray, mean, std) -> np.ndarray:
+    """uint8-range NCHW images -> (x / 255 - mean) / std per channel (mean/std as fractions)."""
+    images = images.astype(np.float32) / 255.0
+    if mean is not None:
+        images -= np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
+    if std is not None:
+        images /= np.asarray(std, np.float32).reshape(1, -1, 1, 1)
+    return images
+
+
+def _read_rec(path: Path, shape, limit=None):
+    import mxnet as mx
+
+    iterator = mx.io.ImageRecordIter(path_imgrec=str(path), data_shape=tuple(shape[1:]), batch_size=500,
+                                     preprocess_threads=2, round_batch=False)
+    images, labels = [], []
+    for batch in iterator:
+        keep = batch.data[0].shape[0] - batch.pad
+        images.append(batch.data[0].asnumpy()[:keep])
+        labels.append(batch.label[0].asnumpy()[:keep].astype(np.int64))
+        if limit is not None and sum(len(i) for i in images) >= limit:
+            break
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _read_folder(path: Path, shape):
+    """Images under `path`; sub-folders name the classes when there are any."""
+    import mxnet as mx
+
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"{path}: no .jpg/.png/.bmp images found")
+    classes = sorted({p.parent for p in files})
+    height, width = shape[2], shape[3]
+    images = []
+    for file in files:
+        image = mx.image.imread(str(file), flag=1 if shape[1] == 3 else 0)
+        image = mx.image.imresize(image, width, height).asnumpy()
+        images.append(image.transpose(2, 0, 1))
+    labels = np.array([classes.index(p.parent) for p in files], np.int64)
+    return np.stack(images), labels
+
+
+def load_calibration_data(path, input_shape, mean=None, std=None, num_per_class=None, seed=0):
+    """(images, labels or None) from a RecordIO .rec, a folder of images, or an .npy/.npz array.
+
+    Images read from .rec or a folder are scaled by 1/255 and normalised with `mean`/`std`
+    (fractions, per channel). Arrays from .npy/.npz are used as they are unless mean/std are
+    given. `num_per_class` keeps a class-balanced subset when labels are known."""
+    from .errors import ConfigError
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such calibration data")
+    labels = None
+    if path.is_dir():
+        images, labels = _read_folder(path, input_shape)
+        images = _normalise(images, mean, std)
+    elif path.suffix == ".rec":
+        images, labels = _read_rec(path, input_shape)
+        images = _normalise(images, mean, std)
+    elif path.suffix == ".npy":
+        images = np.load(path)
+    elif path.suffix == ".npz":
+        archive = np.load(path)
+        key = next((k for k in ("data", "x", "images") if k in archive), None)
+        if key is None:
+            raise ConfigError(f"{path}: expected an array named data, x or images; found {list(archive)}")
+        images = archive[key]
+        labels = next((archive[k] for k in ("label", "labels", "y") if k in archive), None)
+    else:
+        raise ConfigError(f"{path}: calibration data must be a .rec file, a folder of images, .npy or .npz")
+    if path.suffix in (".npy", ".npz") and (mean is not None or std is not None):
+        images = _normalise(images * 255.0, mean, std)
+    images = np.asarray(images, np.float32)
+    if num_per_class is not None:
+        if labels is None:
+            raise ConfigError(f"{path}: has no labels, so a class-balanced subset cannot be drawn")
+        keep = class_balanced_subset(labels, num_per_class, seed)
+        images, labels = images[keep], np.asarray(labels)[keep]
+    return images, labels

@@ -17,46 +17,62 @@ qgraph/calibrate.py); each function returns one threshold T >= 0.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 _SMOOTH_EPS = 1e-4
+
+
+@lru_cache(maxsize=4)
+def _kl_layout(bins: int, levels: int):
+    """Index arrays for every (candidate i, kept bin k < i) pair, flattened candidate by
+    candidate; they depend only on (bins, levels), so every layer reuses them."""
+    candidates = np.arange(levels, bins, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(candidates)[:-1]])
+    i = np.repeat(candidates, candidates)
+    k = np.arange(len(i), dtype=np.int64) - np.repeat(starts, candidates)
+    # bin k goes to level floor(k L / i); level j spans bins [ceil(j i / L), ceil((j+1) i / L))
+    numerator = k * levels
+    floor = numerator // i
+    fraction = (numerator - floor * i) / i
+    ceil = np.minimum(floor + (fraction > 0), levels - 1)
+
+    def level_start(j):
+        return (j * i + levels - 1) // levels
+
+    bounds = tuple(b.astype(np.int32) for b in (level_start(floor), level_start(floor + 1),
+                                                level_start(ceil), level_start(ceil + 1)))
+    return candidates, starts, k.astype(np.int32), fraction, bounds, starts + candidates - 1
 
 
 def kl_threshold(hist: np.ndarray, max_value: float, levels: int) -> float:
     """The seed's KL search; `hist` covers (0, max_value] in len(hist) bins."""
     hist = np.asarray(hist, dtype=np.float64)
     bins = len(hist)
-    if max_value <= 0 or hist.sum() == 0:
+    total = hist.sum()
+    if max_value <= 0 or total == 0:
         return 0.0
     if levels >= bins:
         return float(max_value)
-    candidates = np.arange(levels, bins)                           # i: number of kept bins
-    k = np.arange(bins)
-    kept = k[None, :] < candidates[:, None]                        # (n, bins)
+    candidates, starts, k, fraction, bounds, last = _kl_layout(bins, levels)
     cumulative = np.concatenate([[0.0], np.cumsum(hist)])
-
-    # P: kept bins, outliers folded into bin i-1, normalised
-    reference = np.where(kept, hist[None, :], 0.0)
-    reference[np.arange(len(candidates)), candidates - 1] += cumulative[-1] - cumulative[candidates]
-    reference /= reference.sum(axis=1, keepdims=True)
-
-    # Q: bin k < i goes to level floor(k * levels / i); level j spans k in [ceil(j*i/L), ceil((j+1)*i/L))
-    j = np.arange(levels + 1)
-    edges = -(-(j[None, :] * candidates[:, None]) // levels)        # integer ceil, (n, L+1)
-    merged = cumulative[edges[:, 1:]] - cumulative[edges[:, :-1]]   # (n, L)
-    position = k[None, :] * levels / candidates[:, None]
-    floor = np.minimum(position.astype(np.int64), levels - 1)
-    ceil = np.minimum(np.ceil(position).astype(np.int64), levels - 1)
-    low = np.take_along_axis(merged, floor, axis=1)
-    high = np.take_along_axis(merged, ceil, axis=1)
-    expanded = (high - low) * (position - floor) + low
-    expanded = np.where(kept & (reference != 0), expanded, 0.0)
-    expanded /= expanded.sum(axis=1, keepdims=True)
-
-    usable = expanded != 0
+    # P: kept bins, the tail folded into bin i-1; it sums to the total count
+    reference = hist[k]
+    reference[last] += total - cumulative[candidates]
+    reference /= total
+    # Q: merged levels expanded back by linear interpolation, zero where P is
+    low = cumulative[bounds[1]] - cumulative[bounds[0]]
+    high = cumulative[bounds[3]] - cumulative[bounds[2]]
+    expanded = np.where(reference != 0, (high - low) * fraction + low, 0.0)
+    norm = np.add.reduceat(expanded, starts)
+    used = expanded > 0
     with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(usable, reference * np.log(np.where(usable, reference, 1.0) / np.where(usable, expanded, 1.0)), 0.0)
-    divergence = terms.sum(axis=1)
+        p_log_p = np.where(used, reference * np.log(np.where(used, reference, 1.0)), 0.0)
+        p_log_q = np.where(used, reference * np.log(np.where(used, expanded, 1.0)), 0.0)
+        divergence = (np.add.reduceat(p_log_p, starts) - np.add.reduceat(p_log_q, starts)
+                      + np.add.reduceat(np.where(used, reference, 0.0), starts) * np.log(norm))
+    divergence = np.where(norm > 0, divergence, np.inf)
     best = candidates[int(np.argmin(divergence))]
     return float((best + 0.5) * (max_value / bins))
 

@@ -16,6 +16,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import warnings
@@ -24,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-from qgraph.cli import add_quant_args, config_from_args  # noqa: E402
+from qgraph.cli import add_calib_args, add_quant_args, config_from_args  # noqa: E402
 
 PROG = "quantize_symbol.py"
 
@@ -59,12 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--no-verify", action="store_true",
                           help="do not run Graph.verify() before the first and after each pass")
     add_quant_args(parser)
+    add_calib_args(parser)
     diagnostics = parser.add_argument_group("diagnostics")
     diagnostics.add_argument("--dump-graph", metavar="DIR",
                              help="write the graph after each pass as DIR/NN_pass.dot (+ .svg when "
                                   "graphviz is installed), inserted/changed nodes highlighted")
     diagnostics.add_argument("--dump-format", default="svg",
                              help="comma-separated graphviz formats for --dump-graph (default: svg)")
+    diagnostics.add_argument("--report", metavar="FILE.json",
+                             help="write the input thresholds (layer -> threshold, method, bits, signed) as JSON")
     diagnostics.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     return parser
 
@@ -78,8 +82,13 @@ def default_out(symbol: str) -> str:
 def run(args) -> int:
     import qgraph
     import passes
-    from qgraph.io import ensure_writable_folder, guess_input_shapes, symbol_and_params_paths
+    from qgraph.io import ensure_writable_folder, guess_input_shapes, symbol_and_params_paths, write_text_atomic
+    from qgraph.quantizer import FQ_TAG
 
+    if args.calib_mode:
+        args.quantize_input_offline = True
+        if not args.calib_data:
+            raise qgraph.ConfigError("--calib-mode needs --calib-data")
     config = config_from_args(args)
     pipeline = passes.build_pipeline(args.passes) if args.passes else passes.default_pipeline(config)
     out = args.out or default_out(args.symbol)
@@ -102,11 +111,35 @@ def run(args) -> int:
     if args.dump_graph:
         instruments.append(qgraph.DumpInstrument(args.dump_graph, formats=args.dump_format.split(",")))
     result, report = qgraph.PassManager(pipeline, instruments, verify=not args.no_verify).run(graph, config)
-    written = qgraph.save(result, out)
+    thresholds = None
+    if any(FQ_TAG in result.attrs(n) for n in result.nx):
+        net = qgraph.QuantizedNet(result)
+        if args.calib_mode:
+            thresholds = calibrate_from_args(net, args, graph)
+        written = net.export(out) if thresholds else qgraph.save(result, out)
+    else:
+        written = qgraph.save(result, out)
+    if args.report:
+        write_text_atomic(args.report, json.dumps({"calibration": thresholds or {},
+                                                   "passes": [e._asdict() for e in report.entries]}, indent=2))
     if not args.quiet:
         print(report.format())
+        if thresholds:
+            print(f"calibrated {len(thresholds)} input thresholds ({args.calib_mode})")
         print(f"nodes: {len(graph)} -> {len(result)}; wrote {written[0]} and {written[1]}")
     return 0
+
+
+def calibrate_from_args(net, args, graph) -> dict:
+    from qgraph.data import load_calibration_data
+
+    shape = graph.input_shapes.get(args.input_name) or args.input_shape
+    if shape is None:
+        raise qgraph.ConfigError("cannot tell the input shape for reading calibration images; pass --input-shape")
+    images, _ = load_calibration_data(args.calib_data, shape, args.mean, args.std, args.num_sample,
+                                      args.fixed_random_seed)
+    return net.calibrate(images, args.calib_mode, calib_epoch=args.calib_epoch, batch_size=args.calib_batch_size,
+                         percentile=args.percentile, progress=not args.quiet)
 
 
 def main(argv=None) -> int:
@@ -126,6 +159,9 @@ def main(argv=None) -> int:
     try:
         return run(args)
     except QGraphError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:

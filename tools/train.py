@@ -8,7 +8,7 @@ rewritten after every epoch, so an interrupted run leaves the latest weights.
 
 How the shipped models were made:
     python tools/train.py --model mnist_cnn --out models/mnist_cnn
-    python tools/train.py --model cifar_resnet20_v1 --dataset cifar10 --epochs 24 --out models/cifar_resnet20_v1
+    python tools/train.py --model cifar_resnet20_v1 --dataset cifar10 --epochs 12 --out models/cifar_resnet20_v1
 """
 from __future__ import annotations
 
