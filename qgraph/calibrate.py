@@ -10,6 +10,7 @@ search thresholds with qgraph.observers. Afterwards the net quantizes inputs off
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 
@@ -123,7 +124,17 @@ class _TapRunner:
         executor = self.executors.get(batch.shape)
         if executor is None:
             args = dict(self.args, **{self.input_name: mx.nd.zeros(batch.shape, ctx=self.ctx)})
-            executor = self.symbol.bind(self.ctx, args=args, aux_states=self.aux, grad_req="null")
+            # Executors fuse conv+BN+ReLU through the MKLDNN subgraph backend, which rounds
+            # differently from the SymbolBlock the net evaluates with; calibrate on the same numbers.
+            previous = os.environ.get("MXNET_SUBGRAPH_BACKEND")
+            os.environ["MXNET_SUBGRAPH_BACKEND"] = "NONE"
+            try:
+                executor = self.symbol.bind(self.ctx, args=args, aux_states=self.aux, grad_req="null")
+            finally:
+                if previous is None:
+                    del os.environ["MXNET_SUBGRAPH_BACKEND"]
+                else:
+                    os.environ["MXNET_SUBGRAPH_BACKEND"] = previous
             self.executors[batch.shape] = executor
         batch.copyto(executor.arg_dict[self.input_name])
         return executor.forward(is_train=False)
@@ -136,7 +147,8 @@ def _run_taps(net, batches, taps_pass, progress, desc, combine):
     for batch in _bar(batches, progress, desc):
         outputs = runner(batch)
         for kind, value in zip(runner.kinds, outputs[runner.n_model:]):
-            totals[kind] = value if kind not in totals else combine(kind, totals[kind], value)
+            # executors reuse their output arrays, so keep a copy, never the array itself
+            totals[kind] = value.copy() if kind not in totals else combine(kind, totals[kind], value)
     return {kind: value.asnumpy() for kind, value in totals.items()}
 
 

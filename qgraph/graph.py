@@ -99,6 +99,7 @@ class Graph:
             name = self._read_node(entry, position, names, source)
             names.append(name)
         self.outputs = [self._read_entry(h, len(names), names, source, "heads") for h in doc["heads"]]
+        self.check_ops(source)
         attrs = doc.get("attrs", {})
         self.json_attrs = _copy.deepcopy(attrs) if isinstance(attrs, dict) else {}
 
@@ -113,7 +114,11 @@ class Graph:
         if not isinstance(op, str) or not op:
             raise GraphError(f"{where} has no op")
         if name in self.nx:
-            raise GraphError(f"{where}: the name is used twice; qgraph needs unique node names")
+            if op == "null":
+                raise GraphError(f"{where}: two variables share this name")
+            # Gluon names an operator after its block, so a block called twice (a shared
+            # Activation) yields two nodes of one name; inputs refer to positions, so rename.
+            name = self.unique_name(name)
         attrs = None
         for key in ("attrs", "attr", "param"):
             if key in entry:
@@ -145,6 +150,24 @@ class Graph:
         if not 0 <= node < limit or index < 0 or version < 0:
             raise GraphError(f"{source}: {where}: entry {item!r} refers to no earlier node")
         return TensorRef(names[node], index, version)
+
+    def check_ops(self, source: str = "graph") -> None:
+        """Every operator has the inputs MXNet expects and is only read at outputs it has."""
+        from .op_check import check_node
+
+        outputs = {}
+        try:
+            for name in self.nx:
+                if self.op(name) != "null":
+                    outputs[name] = check_node(name, self.op(name), self.attrs(name), self.nx.in_degree(name))
+        except GraphError as err:
+            raise GraphError(f"{source}: {err}") from None
+        reads = [(dst, d["index"], src) for src, dst, d in self.nx.edges(data=True)]
+        reads += [("the graph outputs", ref.index, ref.node) for ref in self.outputs]
+        for reader, index, producer in reads:
+            limit = outputs.get(producer, 1)
+            if index >= limit:
+                raise GraphError(f"{source}: {reader} reads output {index} of '{producer}', which has {limit}")
 
     def check_params(self, source: str = "params") -> None:
         """Every non-input variable has a value; every value belongs to a variable."""
@@ -418,6 +441,7 @@ class Graph:
             if ref.node not in self.nx:
                 raise GraphError(f"graph output '{ref.node}' is not a node")
         self.check_params("graph")
+        self.check_ops()
         symbol = self.to_symbol()
         if self.input_shapes:
             inferred = self.infer_shapes()

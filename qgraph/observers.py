@@ -77,13 +77,14 @@ def kl_threshold(hist: np.ndarray, max_value: float, levels: int) -> float:
     return float((best + 0.5) * (max_value / bins))
 
 
-def _smooth(distribution: np.ndarray, mask_zero: np.ndarray) -> np.ndarray:
-    """MXNet's _smooth_distribution, row-wise: zeros become eps, the rest give it back."""
-    zeros = mask_zero.sum(axis=1, keepdims=True)
-    nonzeros = distribution.shape[1] - zeros
-    with np.errstate(divide="ignore", invalid="ignore"):
-        eps1 = np.where(nonzeros > 0, _SMOOTH_EPS * zeros / np.maximum(nonzeros, 1), 0.0)
-    return np.where(mask_zero, _SMOOTH_EPS, distribution - eps1)
+def _smooth(distribution: np.ndarray, is_zero: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """MXNet's SmoothDistribution, row-wise over the `inside` part: zeros become eps and
+    the non-zero entries give the same mass back. Outside entries are 0."""
+    zeros = is_zero.sum(axis=1, keepdims=True)
+    nonzeros = inside.sum(axis=1, keepdims=True) - zeros
+    eps1 = (_SMOOTH_EPS * zeros / np.maximum(nonzeros, 1)).astype(distribution.dtype)
+    smoothed = np.where(is_zero, np.float32(_SMOOTH_EPS), distribution - eps1)
+    return np.where(inside, smoothed, 0).astype(distribution.dtype)
 
 
 def entropy_threshold(hist: np.ndarray, edges: np.ndarray, num_quantized_bins: int = 255,
@@ -110,6 +111,9 @@ def entropy_threshold(hist: np.ndarray, edges: np.ndarray, num_quantized_bins: i
 
 
 def _entropy_block(hist, cumulative, candidates, zero_bin, num_quantized_bins):
+    """Divergences of a block of candidates, following MXNet's CalibrateComputeCPU (float32,
+    including its details: the first sliced bin is counted in P only, and Q's per-level
+    norm counts the non-zero sliced bins)."""
     n, width = len(candidates), 2 * int(candidates.max()) + 1
     starts = zero_bin - candidates
     lengths = 2 * candidates + 1
@@ -117,37 +121,33 @@ def _entropy_block(hist, cumulative, candidates, zero_bin, num_quantized_bins):
     inside = column[None, :] < lengths[:, None]
     index = np.minimum(starts[:, None] + column[None, :], len(hist) - 1)
     sliced = np.where(inside, hist[index], 0.0)
+    sliced[:, 0] = 0.0
 
-    reference = sliced.copy()
     rows = np.arange(n)
-    reference[:, 0] += cumulative[starts]
+    reference = sliced.copy()
+    reference[:, 0] = cumulative[starts + 1]
     reference[rows, lengths - 1] += cumulative[-1] - cumulative[starts + lengths]
-    nonzero = (reference != 0) & inside
+    p_nonzero = (reference != 0) & inside
 
-    merged_width = lengths // num_quantized_bins                    # bins per quantized bin
+    merged_width = lengths // num_quantized_bins
     group = np.minimum(column[None, :] // np.maximum(merged_width[:, None], 1), num_quantized_bins - 1)
-    group = np.where(inside, group, num_quantized_bins)             # padding goes to a spare group
+    group = np.where(inside, group, num_quantized_bins)             # padding goes to a spare level
     flat = (rows[:, None] * (num_quantized_bins + 1) + group).ravel()
     size = n * (num_quantized_bins + 1)
     quantized = np.bincount(flat, weights=sliced.ravel(), minlength=size).reshape(n, -1)
-    norm = np.bincount(flat, weights=nonzero.ravel().astype(np.float64), minlength=size).reshape(n, -1)
+    norm = np.bincount(flat, weights=(sliced != 0).ravel().astype(np.float64), minlength=size).reshape(n, -1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        per_bin = np.where(norm > 0, quantized / norm, 0.0)
-    candidate = np.take_along_axis(per_bin, group, axis=1)
-    candidate = np.where(nonzero, candidate, 0.0)
+        per_level = np.where(norm > 0, quantized / norm, 0.0)
+    candidate = np.where(p_nonzero, np.take_along_axis(per_level, group, axis=1), 0.0)
 
-    p = _smooth(np.where(inside, reference, 0.0), ~nonzero & inside)
-    q = _smooth(candidate, (candidate == 0) & inside)
-    # rows with no mass in q get infinite divergence, as MXNet's ValueError path does
+    p = _smooth(reference.astype(np.float32), ~p_nonzero & inside, inside)
+    q = _smooth(candidate.astype(np.float32), (candidate == 0) & inside, inside)
     q_ok = ((candidate != 0) & inside).any(axis=1)
-    p = np.where(inside, p, 0.0)
-    q = np.where(inside, q, 1.0)
     p_norm = p / p.sum(axis=1, keepdims=True)
-    q_norm = q / np.where(inside, q, 0.0).sum(axis=1, keepdims=True)
+    q_norm = q / q.sum(axis=1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(inside & (p_norm > 0), p_norm * np.log(p_norm / q_norm), 0.0)
-    divergence = terms.sum(axis=1)
-    return np.where(q_ok, divergence, np.inf)
+        terms = np.where(inside, p_norm * np.log(np.where(inside, p_norm / q_norm, 1.0)), 0.0)
+    return np.where(q_ok, terms.sum(axis=1, dtype=np.float64), np.inf)
 
 
 def percentile_threshold(hist: np.ndarray, max_value: float, percentile: float = 99.99) -> float:

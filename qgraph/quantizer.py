@@ -19,6 +19,7 @@ with `strip_fake_quant`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 
@@ -112,8 +113,16 @@ def add_weight_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True) -
     """layer[slot] <- W   becomes   layer[slot] <- Q(W). Returns the exit node."""
     build = _Builder(graph, spec)
     weight = graph.inputs(spec.layer)[spec.slot]
+    if not spec.shape:
+        if not graph.is_param(weight.node):
+            raise GraphError(f"{spec.id}: spec.shape is empty and '{weight.node}' has no stored value to size it")
+        spec = dataclasses.replace(spec, shape=tuple(graph.params[weight.node].shape))
+        build.spec = spec
     levels = spec.levels
-    grouped = build.op("Reshape", "grouped", [weight], shape=spec.reshape)
+    # _copy first: oneDNN grouped convolutions re-lay the shared weight in place, and
+    # Reshape cannot read that layout ("could not create a primitive descriptor for a reorder")
+    private = build.op("_copy", "copy", [weight])
+    grouped = build.op("Reshape", "grouped", [private], shape=spec.reshape)
     magnitude = build.op("max", "absmax", [build.op("abs", "abs", [grouped])], axis=spec.axes, keepdims=True)
     scale = build.scale(magnitude)
     integers = build.op("clip", "int", [build.op("round", "round", [build.op("broadcast_div", "div", [grouped, scale])])],
