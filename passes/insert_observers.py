@@ -7,7 +7,8 @@ plus, for relu/|x|, the count of exact zeros ('zeros'), so a caller can leave th
 out of the first bin. Full reductions go through global max/sum pooling on a
 (N, 1, 1, -1) view: MXNet's plain `max` reduction is about 8x slower on the CPU, and
 values outside a histogram's range make `_histogram` about 3x slower, so ranges
-cover every value. A tensor read by several layers is tapped once. Every tap node
+cover every value. For a tensor proven non-negative (qgraph.analysis) the 'min' tap is
+the constant 0 and relu/|x| are skipped. A tensor read by several layers is tapped once. Every tap node
 carries `__qgraph_tap__` = "<tensor>|<kind>", which is how a caller maps outputs
 back; taps are appended to `graph.outputs` after the model's own outputs.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from qgraph.analysis import is_non_negative
 from qgraph.graph import Graph, TensorRef
 from qgraph.pass_manager import PassContext
 from qgraph.quantizer import EXCLUDE_TAG, QUANTIZABLE_OPS
@@ -84,26 +86,32 @@ def _reduction(graph: Graph, tensor: TensorRef, key: str, kind: str) -> TensorRe
     stem = f"{tensor.node}_tap_{kind}"
     if kind == "max":
         return _global(graph, tensor, stem, "max", _tag(key, kind))
+    if is_non_negative(graph, tensor):
+        return TensorRef(graph.add_node("_zeros", stem, [], {"shape": "(1,)", **_tag(key, kind)}))
     negated = TensorRef(graph.add_node("negative", f"{stem}_neg", [tensor], _tag(key, "neg")))
     largest_negated = _global(graph, negated, f"{stem}_negmax", "max", _tag(key, "negmax"))
     return TensorRef(graph.add_node("negative", stem, [largest_negated], _tag(key, kind)))
 
 
 def tap_kind(graph: Graph, ref: TensorRef) -> str:
-    """"<tensor>|<kind>" of a tap output ('|hist_edges' for a histogram's second output)."""
-    return graph.attrs(ref.node)[TAP_TAG] + ("_edges" if ref.index else "")
+    """"<tensor>|<kind>" of a tap output."""
+    return graph.attrs(ref.node)[TAP_TAG]
 
 
 def _histogram(graph: Graph, tensor: TensorRef, key: str, tap: HistogramTap) -> list[TensorRef]:
-    """Counts and edges (both outputs: MXNet's histogram must write its edges), and for
-    relu/abs sources the number of exact zeros."""
+    """Counts, edges (MXNet's histogram must write them) and, for relu/abs sources, the number of
+    exact zeros. BlockGrad on both histogram outputs: _histogram has no gradient, and a
+    SymbolBlock builds its backward graph up front."""
     stem = f"{tensor.node}_tap_hist"
     source, taps = tensor, []
     if tap.source in ("relu", "abs"):
-        source = TensorRef(graph.add_node(tap.source, f"{stem}_{tap.source}", [tensor], _tag(key, tap.source)))
+        if not is_non_negative(graph, tensor):
+            source = TensorRef(graph.add_node(tap.source, f"{stem}_{tap.source}", [tensor], _tag(key, tap.source)))
         is_zero = TensorRef(graph.add_node("_equal_scalar", f"{stem}_is_zero", [source],
                                            {"scalar": "0.0", **_tag(key, "is_zero")}))
         taps.append(_global(graph, is_zero, f"{stem}_zeros", "sum", _tag(key, "zeros")))
     node = graph.add_node("_histogram", stem, [source],
-                          {"bin_cnt": tap.bins, "range": f"({tap.low!r}, {tap.high!r})", **_tag(key, "hist")})
-    return [TensorRef(node, 0), TensorRef(node, 1)] + taps
+                          {"bin_cnt": tap.bins, "range": f"({tap.low!r}, {tap.high!r})", **_tag(key, "histogram")})
+    counts = graph.add_node("BlockGrad", f"{stem}_counts", [TensorRef(node, 0)], _tag(key, "hist"))
+    edges = graph.add_node("BlockGrad", f"{stem}_edges", [TensorRef(node, 1)], _tag(key, "hist_edges"))
+    return [TensorRef(counts), TensorRef(edges)] + taps

@@ -10,7 +10,6 @@ search thresholds with qgraph.observers. Afterwards the net quantizes inputs off
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 
@@ -98,46 +97,23 @@ def _calibrate_naive(net, batches, calib_epoch, momentum, progress):
 
 
 class _TapRunner:
-    """Runs the float graph with taps as extra outputs, reading the net's parameters in place.
-    An Executor, not a SymbolBlock: CachedOp builds a backward graph, and `_histogram` has none."""
+    """The float graph with taps as extra outputs, as a SymbolBlock sharing the net's
+    parameters: the same execution path, and so the same rounding, as the net's evaluation."""
 
     def __init__(self, net, taps_pass):
         from passes.insert_observers import tap_kind
 
         from .pass_manager import PassContext
+        from .runtime import symbol_block
 
         graph = net.float_graph.copy().cleanup()
         self.n_model = len(graph.outputs)
         graph = taps_pass.run(graph, PassContext())
         self.kinds = [tap_kind(graph, ref) for ref in graph.outputs[self.n_model:]]
-        self.symbol = graph.to_symbol()
-        self.input_name = graph.input_names[0]
-        params = net.collect_params()
-        self.ctx = net.ctx
-        self.args = {n: params[n].data(self.ctx) for n in self.symbol.list_arguments() if n != self.input_name}
-        self.aux = {n: params[n].data(self.ctx) for n in self.symbol.list_auxiliary_states()}
-        self.executors: dict = {}
+        self.block = symbol_block(graph, net.collect_params())
 
     def __call__(self, batch):
-        import mxnet as mx
-
-        executor = self.executors.get(batch.shape)
-        if executor is None:
-            args = dict(self.args, **{self.input_name: mx.nd.zeros(batch.shape, ctx=self.ctx)})
-            # Executors fuse conv+BN+ReLU through the MKLDNN subgraph backend, which rounds
-            # differently from the SymbolBlock the net evaluates with; calibrate on the same numbers.
-            previous = os.environ.get("MXNET_SUBGRAPH_BACKEND")
-            os.environ["MXNET_SUBGRAPH_BACKEND"] = "NONE"
-            try:
-                executor = self.symbol.bind(self.ctx, args=args, aux_states=self.aux, grad_req="null")
-            finally:
-                if previous is None:
-                    del os.environ["MXNET_SUBGRAPH_BACKEND"]
-                else:
-                    os.environ["MXNET_SUBGRAPH_BACKEND"] = previous
-            self.executors[batch.shape] = executor
-        batch.copyto(executor.arg_dict[self.input_name])
-        return executor.forward(is_train=False)
+        return self.block(batch)
 
 
 def _run_taps(net, batches, taps_pass, progress, desc, combine):
@@ -147,7 +123,6 @@ def _run_taps(net, batches, taps_pass, progress, desc, combine):
     for batch in _bar(batches, progress, desc):
         outputs = runner(batch)
         for kind, value in zip(runner.kinds, outputs[runner.n_model:]):
-            # executors reuse their output arrays, so keep a copy, never the array itself
             totals[kind] = value.copy() if kind not in totals else combine(kind, totals[kind], value)
     return {kind: value.asnumpy() for kind, value in totals.items()}
 

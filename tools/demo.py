@@ -2,9 +2,9 @@
 """The README's main job: FP32 and simulated-quantized top-1 side by side on the bundled model.
 
 Runs models/mnist_cnn on the 1,000 held-out bundled MNIST digits in float and
-under several quantization strategies (online input thresholds: each batch's max),
-and prints a markdown table. Options pick another exported model trained on the
-same data.
+under several quantization strategies, with online input thresholds (each batch's
+max) or offline ones calibrated on 20 training digits per class, and prints a
+markdown table. Options pick another exported model trained on the same data.
 """
 from __future__ import annotations
 
@@ -18,12 +18,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
+# (label, QuantConfig fields, calibration mode or None for online thresholds)
 STRATEGIES = [
-    ("int8 per-layer, uint8 inputs", dict(weight_bits=8, quant_type="layer")),
-    ("int8 per-channel, uint8 inputs", dict(weight_bits=8, quant_type="channel")),
-    ("int8 per-channel, BN merged", dict(weight_bits=8, quant_type="channel", merge_bn=True)),
-    ("int4 per-channel, uint4 inputs", dict(weight_bits=4, input_bits=4, quant_type="channel")),
-    ("int4 per-layer, uint4 inputs, BN merged", dict(weight_bits=4, input_bits=4, quant_type="layer", merge_bn=True)),
+    ("int8 per-layer, uint8 inputs", dict(weight_bits=8, quant_type="layer"), None),
+    ("int8 per-channel, uint8 inputs", dict(weight_bits=8, quant_type="channel"), None),
+    ("int8 per-channel, BN merged", dict(weight_bits=8, quant_type="channel", merge_bn=True), None),
+    ("int8 per-channel, naive (EMA) calibration", dict(weight_bits=8, quant_type="channel", online=False), "naive"),
+    ("int8 per-channel, entropy calibration", dict(weight_bits=8, quant_type="channel", online=False), "entropy"),
+    ("int4 per-channel, uint4 inputs", dict(weight_bits=4, input_bits=4, quant_type="channel"), None),
+    ("int4 per-channel, percentile calibration", dict(weight_bits=4, input_bits=4, quant_type="channel",
+                                                      online=False), "percentile"),
+    ("int4 per-layer, uint4 inputs, BN merged", dict(weight_bits=4, input_bits=4, quant_type="layer", merge_bn=True),
+     None),
 ]
 
 
@@ -37,7 +43,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     import qgraph
-    from qgraph.data import mnist_split
+    from qgraph.data import class_balanced_subset, mnist_split
     from qgraph.evaluate import top1
 
     try:
@@ -45,13 +51,18 @@ def main(argv=None) -> int:
     except qgraph.QGraphError as err:
         print(f"demo.py: error: {err}", file=sys.stderr)
         return 2
-    _, (images, labels) = mnist_split()
+    (train_images, train_labels), (images, labels) = mnist_split()
+    calibration = train_images[class_balanced_subset(train_labels, 20, seed=7)]
     fp32 = top1(graph.to_block(), images, labels, args.batch_size)
     rows = []
-    for label, fields in tqdm(STRATEGIES, desc="strategies", leave=False):
+    for label, fields, calib_mode in tqdm(STRATEGIES, desc="strategies", leave=False):
         net = qgraph.quantize(graph, qgraph.QuantConfig(**fields))
+        if calib_mode:
+            net.calibrate(calibration, calib_mode, batch_size=50, progress=False)
         rows.append((label, top1(net, images, labels, args.batch_size)))
-    print(f"model: {args.model}; data: bundled MNIST, {len(labels)} held-out digits; first conv kept in float\n")
+    model = Path(args.model).resolve()
+    shown = model.relative_to(ROOT) if model.is_relative_to(ROOT) else model
+    print(f"model: {shown}; data: bundled MNIST, {len(labels)} held-out digits; first conv kept in float\n")
     print("| strategy | FP32 top-1 | simulated top-1 | change |")
     print("|---|---|---|---|")
     for label, accuracy in rows:

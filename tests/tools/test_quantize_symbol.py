@@ -41,7 +41,8 @@ def _run(argv, capsys):
 def test_folds_bn_writes_outputs_and_prints_the_report(model, tmp_path, capsys):
     out = tmp_path / "out" / "folded"
     out.parent.mkdir()
-    rc, stdout, _ = _run([f"{model}-symbol.json", "--out", out, "--dump-graph", tmp_path / "dump"], capsys)
+    rc, stdout, _ = _run([f"{model}-symbol.json", "--passes", "fold_bn", "--out", out, "--dump-graph",
+                          tmp_path / "dump"], capsys)
     assert rc == 0
     assert "fold_bn: 4 changed, 0 skipped" in stdout
     assert sorted(p.name for p in out.parent.iterdir()) == ["folded-0000.params", "folded-symbol.json"]
@@ -128,6 +129,38 @@ def test_cli_process_prints_no_traceback(model):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("quantize_symbol.py: error:")
+
+
+def test_default_pipeline_quantizes_and_reloads_as_plain_symbolblock(model, tmp_path, capsys):
+    out = tmp_path / "q"
+    rc, stdout, _ = _run([f"{model}-symbol.json", "--out", out, "--quant-type", "channel", "--input-signed", "auto",
+                          "--dump-graph", tmp_path / "dump"], capsys)
+    assert rc == 0
+    assert "exclude: 1 changed" in stdout and "insert_fake_quant: 4 changed, 1 skipped" in stdout
+    dot = (tmp_path / "dump" / "02_insert_fake_quant.dot").read_text()
+    assert "mnistcnn_conv1_fwd_weight_fq" in dot and "#b7f0b1" in dot  # inserted nodes highlighted
+    x = mx.nd.array(np.random.RandomState(1).normal(size=(4, 1, 28, 28)))
+    plain = mx.gluon.SymbolBlock.imports(f"{out}-symbol.json", ["data"], f"{out}-0000.params")
+    net = qgraph.QuantizedNet.load(str(out))
+    assert np.array_equal(plain(x).asnumpy(), net(x).asnumpy())
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--weight-bits-width", "1", "outside 2..16"),
+    ("--quant-type", "tensor", "invalid choice"),
+    ("--input-signed", "maybe", "not true or false"),
+])
+def test_bad_quantization_flags_are_named(model, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        quantize_symbol.main([f"{model}-symbol.json", flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and message in err
+
+
+def test_exclude_pattern_matching_nothing_is_an_error(model, tmp_path, capsys):
+    rc, _, stderr = _run([f"{model}-symbol.json", "--out", tmp_path / "x", "--exclude", "no_such_layer.*"], capsys)
+    assert rc == 2 and "no_such_layer" in stderr and "matches no node" in stderr
 
 
 def test_help_explains_itself():
