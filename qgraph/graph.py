@@ -95,9 +95,12 @@ class Graph:
         if not isinstance(doc.get("heads"), list) or not doc["heads"]:
             raise GraphError(f"{source}: Symbol JSON has no 'heads' (graph outputs)")
         names: list[str] = []
+        # every name the JSON uses, so a renamed duplicate never takes a later node's name
+        self._json_names = {e.get("name") for e in doc["nodes"] if isinstance(e, dict)}
         for position, entry in enumerate(doc["nodes"]):
             name = self._read_node(entry, position, names, source)
             names.append(name)
+        del self._json_names
         self.outputs = [self._read_entry(h, len(names), names, source, "heads") for h in doc["heads"]]
         self.check_ops(source)
         attrs = doc.get("attrs", {})
@@ -118,7 +121,8 @@ class Graph:
                 raise GraphError(f"{where}: two variables share this name")
             # Gluon names an operator after its block, so a block called twice (a shared
             # Activation) yields two nodes of one name; inputs refer to positions, so rename.
-            name = self.unique_name(name)
+            name = self.unique_name(name, also_taken=self._json_names)
+            self._json_names.add(name)
         attrs = None
         for key in ("attrs", "attr", "param"):
             if key in entry:
@@ -320,11 +324,12 @@ class Graph:
         return chains
 
     # ------------------------------------------------------------------ edit verbs
-    def unique_name(self, base: str) -> str:
-        if base not in self.nx:
+    def unique_name(self, base: str, also_taken=frozenset()) -> str:
+        """`base`, or `base_N` with the smallest N that no node (nor `also_taken`) uses."""
+        if base not in self.nx and base not in also_taken:
             return base
         i = 1
-        while f"{base}_{i}" in self.nx:
+        while f"{base}_{i}" in self.nx or f"{base}_{i}" in also_taken:
             i += 1
         return f"{base}_{i}"
 

@@ -72,7 +72,17 @@ def load_files(symbol_path, params_path=None, input_names=DEFAULT_INPUT_NAMES,
     graph = Graph.from_json(text, params, input_names=input_names if params is not None else None,
                             source=str(symbol_path), params_source=str(params_path))
     graph.input_shapes = dict(input_shapes or {})
+    if graph.input_shapes and params is not None:
+        _check_shapes(graph, params_path)
     return graph
+
+
+def _check_shapes(graph: Graph, source) -> None:
+    """Every parameter has the shape the input shapes imply; the error names the file."""
+    try:
+        graph.verify()
+    except GraphError as err:
+        raise GraphError(f"{source}: {err}") from None
 
 
 def load(source, input_shape=None, params=None, input_names=None) -> Graph:
@@ -92,6 +102,8 @@ def load(source, input_shape=None, params=None, input_names=None) -> Graph:
         graph = load_files(symbol_path, params_path, input_names or DEFAULT_INPUT_NAMES)
         if input_shape is not None:
             graph.input_shapes = _shape_dict(graph.input_names, input_shape)
+            if params_path is not None:
+                _check_shapes(graph, params_path)
         return graph
     raise GraphError(f"cannot load a graph from {type(source).__name__}; "
                      "give a HybridBlock, a SymbolBlock, a Graph or a -symbol.json path")
@@ -121,9 +133,15 @@ def from_block(block, input_shape=None) -> Graph:
             block.hybridize()
             block(*[mx.nd.zeros(tuple(s)) for s in shapes])
             block.export(prefix)
-        params = read_params(f"{prefix}-0000.params")
-        graph = Graph.from_json(Path(f"{prefix}-symbol.json").read_text(), params,
-                                source=type(block).__name__)
+        text = Path(f"{prefix}-symbol.json").read_text()
+        if isinstance(block, mx.gluon.SymbolBlock):
+            # a SymbolBlock keeps its parameters outside the registry export() walks, so
+            # until it has run, export() writes none of them: read them from the block
+            variables = set(mx.sym.load_json(text).list_inputs())
+            params = {name: p.data().asnumpy() for name, p in block.collect_params().items() if name in variables}
+        else:
+            params = read_params(f"{prefix}-0000.params")
+        graph = Graph.from_json(text, params, source=type(block).__name__)
     if input_shape is not None:
         graph.input_shapes = _shape_dict(graph.input_names, input_shape)
     return graph
