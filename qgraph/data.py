@@ -56,8 +56,12 @@ def cifar10_iter(data_dir, split: str, batch_size: int, augment: bool = False, s
 
 def cifar10_arrays(data_dir, split: str = "test", limit: int | None = None):
     """The whole split (or its first `limit` images) as normalised float32 arrays (N, 3, 32, 32)."""
+    return _drain(cifar10_iter(data_dir, split, batch_size=500), limit)
+
+
+def _drain(iterator, limit: int | None = None):
+    """(images, int64 labels) of every batch of an mx.io iterator, padding dropped, at most `limit`."""
     images, labels = [], []
-    iterator = cifar10_iter(data_dir, split, batch_size=500)
     for batch in iterator:
         keep = batch.data[0].shape[0] - batch.pad
         images.append(batch.data[0].asnumpy()[:keep])
@@ -99,19 +103,11 @@ def _normalise(images: np.ndarray, mean, std) -> np.ndarray:
     return images
 
 
-def _read_rec(path: Path, shape, limit=None):
+def _read_rec(path: Path, shape):
     import mxnet as mx
 
-    iterator = mx.io.ImageRecordIter(path_imgrec=str(path), data_shape=tuple(shape[1:]), batch_size=500,
-                                     preprocess_threads=2, round_batch=False)
-    images, labels = [], []
-    for batch in iterator:
-        keep = batch.data[0].shape[0] - batch.pad
-        images.append(batch.data[0].asnumpy()[:keep])
-        labels.append(batch.label[0].asnumpy()[:keep].astype(np.int64))
-        if limit is not None and sum(len(i) for i in images) >= limit:
-            break
-    return np.concatenate(images), np.concatenate(labels)
+    return _drain(mx.io.ImageRecordIter(path_imgrec=str(path), data_shape=tuple(shape[1:]), batch_size=500,
+                                        preprocess_threads=2, round_batch=False))
 
 
 def _read_folder(path: Path, shape):
