@@ -57,21 +57,31 @@ def kl_threshold(hist: np.ndarray, max_value: float, levels: int) -> float:
         return float(max_value)
     candidates, starts, k, fraction, bounds, last = _kl_layout(bins, levels)
     cumulative = np.concatenate([[0.0], np.cumsum(hist)])
-    # P: kept bins, the tail folded into bin i-1; it sums to the total count
-    reference = hist[k]
-    reference[last] += total - cumulative[candidates]
-    reference /= total
-    # Q: merged levels expanded back by linear interpolation, zero where P is
+    # P = hist / total on bins k < i-1, and the tail folded into bin i-1. On k < i-1, Q is
+    # non-zero exactly where P is (bin k's own level holds it), so the P-only sums
+    # (sum P log P, sum P) come from prefix sums; only sum P log Q needs every pair.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h_log_h = np.concatenate([[0.0], np.cumsum(np.where(hist > 0, hist * np.log(np.where(hist > 0, hist, 1)), 0))])
+    body = candidates - 1
+    last_p = (hist[body] + total - cumulative[candidates]) / total
+
     low = cumulative[bounds[1]] - cumulative[bounds[0]]
     high = cumulative[bounds[3]] - cumulative[bounds[2]]
-    expanded = np.where(reference != 0, (high - low) * fraction + low, 0.0)
+    expanded = (high - low) * fraction + low
+    weight = hist[k] / total
+    weight[last] = last_p
+    expanded[weight == 0] = 0.0
     norm = np.add.reduceat(expanded, starts)
     used = expanded > 0
+    log_q = np.log(np.where(used, expanded, 1.0))
+    p_log_q = np.add.reduceat(np.where(used, weight, 0.0) * log_q, starts)
+
+    last_used = used[last]
     with np.errstate(divide="ignore", invalid="ignore"):
-        p_log_p = np.where(used, reference * np.log(np.where(used, reference, 1.0)), 0.0)
-        p_log_q = np.where(used, reference * np.log(np.where(used, expanded, 1.0)), 0.0)
-        divergence = (np.add.reduceat(p_log_p, starts) - np.add.reduceat(p_log_q, starts)
-                      + np.add.reduceat(np.where(used, reference, 0.0), starts) * np.log(norm))
+        p_log_p = (h_log_h[body] - cumulative[body] * np.log(total)) / total
+        p_log_p = p_log_p + np.where(last_used, last_p * np.log(np.where(last_p > 0, last_p, 1.0)), 0.0)
+        p_used = cumulative[body] / total + np.where(last_used, last_p, 0.0)
+        divergence = p_log_p - p_log_q + p_used * np.log(norm)
     divergence = np.where(norm > 0, divergence, np.inf)
     best = candidates[int(np.argmin(divergence))]
     return float((best + 0.5) * (max_value / bins))
