@@ -96,7 +96,7 @@ class Graph:
             raise GraphError(f"{source}: Symbol JSON has no 'heads' (graph outputs)")
         names: list[str] = []
         # every name the JSON uses, so a renamed duplicate never takes a later node's name
-        self._json_names = {e.get("name") for e in doc["nodes"] if isinstance(e, dict)}
+        self._json_names = {e.get("name") for e in doc["nodes"] if isinstance(e, dict) and isinstance(e.get("name"), str)}
         for position, entry in enumerate(doc["nodes"]):
             name = self._read_node(entry, position, names, source)
             names.append(name)
@@ -162,9 +162,15 @@ class Graph:
         outputs = {}
         try:
             for name in self.nx:
-                # fused oneDNN ops carry their body as a subgraph, which a bare probe cannot build
-                if self.op(name) != "null" and "subgraphs" not in self.nx.nodes[name]["extra"]:
-                    outputs[name] = check_node(name, self.op(name), self.attrs(name), self.nx.in_degree(name))
+                if self.op(name) == "null":
+                    continue
+                # fused oneDNN ops carry their body as a subgraph, which a bare probe cannot
+                # build: only for them is an unknown arity accepted
+                has_body = bool(self.nx.nodes[name]["extra"].get("subgraphs"))
+                counted = check_node(name, self.op(name), self.attrs(name), self.nx.in_degree(name),
+                                     unknown_ok=has_body)
+                if counted is not None:
+                    outputs[name] = counted
         except GraphError as err:
             raise GraphError(f"{source}: {err}") from None
         reads = [(dst, d["index"], src) for src, dst, d in self.nx.edges(data=True)]

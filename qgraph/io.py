@@ -99,6 +99,9 @@ def load(source, input_shape=None, params=None, input_names=None) -> Graph:
         return from_block(source, input_shape)
     if isinstance(source, (str, os.PathLike)):
         symbol_path, params_path = symbol_and_params_paths(source, params)
+        if params_path is None and symbol_path.is_file():
+            # without it every weight would silently become a graph input
+            raise GraphError(f"{symbol_path}: no PREFIX-0000.params beside it; pass params=")
         graph = load_files(symbol_path, params_path, input_names or DEFAULT_INPUT_NAMES)
         if input_shape is not None:
             graph.input_shapes = _shape_dict(graph.input_names, input_shape)

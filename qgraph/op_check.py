@@ -11,7 +11,7 @@ from . import attrs as A
 from .errors import GraphError
 
 # Outputs MXNet hides from list_outputs() but that a graph may still read.
-_HIDDEN_OUTPUTS = {"BatchNorm": 3, "Dropout": 2, "LRN": 2, "SyncBatchNorm": 3}
+_HIDDEN_OUTPUTS = {"BatchNorm": 3, "Dropout": 2, "LRN": 2, "SyncBatchNorm": 3, "LayerNorm": 3, "GroupNorm": 3}
 _POSITIVE_INTS = {
     "Convolution": ("num_filter", "num_group"), "Deconvolution": ("num_filter", "num_group"),
     "FullyConnected": ("num_hidden",), "SliceChannel": ("num_outputs",), "split": ("num_outputs",),
@@ -45,8 +45,9 @@ def arity(op: str, attr_items: tuple) -> tuple[int, int]:
         raise GraphError(f"operator {op} cannot be built with these attributes: {mxnet_error_line(err)}") from None
 
 
-def check_node(name: str, op: str, attrs: dict, n_inputs: int) -> int:
-    """Raise GraphError if MXNet would crash on this node; returns its number of outputs."""
+def check_node(name: str, op: str, attrs: dict, n_inputs: int, unknown_ok: bool = False) -> int | None:
+    """Raise GraphError if MXNet would crash on this node; returns its number of outputs, or
+    None when `unknown_ok` and MXNet cannot build the op alone (a fused op with a subgraph)."""
     for key in _POSITIVE_INTS.get(op, ()):
         if key in attrs and A.get_int(attrs, key, 1, name) < 1:
             raise GraphError(f"node '{name}' ({op}): {key}={attrs[key]} must be at least 1")
@@ -56,6 +57,8 @@ def check_node(name: str, op: str, attrs: dict, n_inputs: int) -> int:
     try:
         expected_inputs, outputs = arity(op, tuple(sorted(attrs.items())))
     except GraphError as err:
+        if unknown_ok:
+            return None
         raise GraphError(f"node '{name}': {err}") from None
     if n_inputs != expected_inputs:
         raise GraphError(f"node '{name}' ({op}) has {n_inputs} inputs; MXNet needs {expected_inputs}")

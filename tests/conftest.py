@@ -7,7 +7,9 @@ before anything imports MXNet, and again per session by the `mxnet_home` fixture
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -20,6 +22,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 os.environ["MXNET_HOME"] = tempfile.mkdtemp(prefix="qgraph-tests-mxnet-home-")
+atexit.register(shutil.rmtree, os.environ["MXNET_HOME"], ignore_errors=True)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", category=UserWarning, module=r"mxnet(\..*)?")
 
