@@ -80,7 +80,7 @@ def _insert_input(graph: Graph, layer: str, config: QuantConfig, memo: dict) -> 
     threshold = ""
     if not config.online:
         threshold = graph.add_variable(f"{layer}_data_threshold", np.zeros(1, np.float32),
-                                       attrs={FQ_TAG: f"{layer}_data_fq", "__shape__": "(1,)"})
+                                       attrs={FQ_TAG: f"{layer}_data_fq"})
     spec = FakeQuantSpec("input", layer, 0, config.input_bits, signed=signed, online=config.online,
                          stat=config.online_stat, threshold=threshold)
     add_input_fake_quant(graph, spec)

@@ -342,11 +342,16 @@ class Graph:
     def add_variable(self, name: str, value: np.ndarray | None = None, attrs: dict | None = None) -> str:
         """A new variable; with a value it is a parameter, otherwise a graph input."""
         name = self.unique_name(name)
-        self.nx.add_node(name, op="null", attrs=dict(attrs or {}), extra={})
+        attrs = dict(attrs or {})
+        if value is not None:
+            value = np.asarray(value)
+            # MXNet cannot infer a parameter's shape backwards through broadcast ops
+            attrs.setdefault("__shape__", "(" + ", ".join(str(d) for d in value.shape) + ("," if value.ndim == 1 else "") + ")")
+        self.nx.add_node(name, op="null", attrs=attrs, extra={})
         if value is None:
             self.input_names.append(name)
         else:
-            self.params[name] = np.asarray(value)
+            self.params[name] = value
         return name
 
     def add_node(self, op: str, name: str, inputs: Sequence, attrs: dict | None = None) -> str:

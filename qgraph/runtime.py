@@ -72,7 +72,7 @@ class QuantizedNet(mx.gluon.SymbolBlock):
         for spec in input_specs:
             name = _threshold_name(spec)
             value = thresholds.get(name, np.zeros(1, np.float32))
-            float_graph.add_variable(name, value.astype(np.float32), attrs={FQ_TAG: spec.id, "__shape__": "(1,)"})
+            float_graph.add_variable(name, value.astype(np.float32), attrs={FQ_TAG: spec.id})
         ctx = ctx or mx.cpu()
         shared = _make_params(float_graph, {_threshold_name(s) for s in input_specs}, ctx)
         with warnings.catch_warnings():
