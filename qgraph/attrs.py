@@ -62,4 +62,6 @@ def format_bool(value: bool) -> str:
 
 
 def format_tuple(value) -> str:
-    return "(" + ", ".join(str(int(v)) for v in value) + ")"
+    """As MXNet writes tuples: '(3, 3)', '(16,)', '()'."""
+    items = [str(int(v)) for v in value]
+    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"

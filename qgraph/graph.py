@@ -20,6 +20,7 @@ from typing import Iterable, NamedTuple, Sequence
 import networkx as nx
 import numpy as np
 
+from .attrs import format_tuple
 from .errors import GraphError
 
 
@@ -346,7 +347,7 @@ class Graph:
         if value is not None:
             value = np.asarray(value)
             # MXNet cannot infer a parameter's shape backwards through broadcast ops
-            attrs.setdefault("__shape__", "(" + ", ".join(str(d) for d in value.shape) + ("," if value.ndim == 1 else "") + ")")
+            attrs.setdefault("__shape__", format_tuple(value.shape))
         self.nx.add_node(name, op="null", attrs=attrs, extra={})
         if value is None:
             self.input_names.append(name)
