@@ -27,12 +27,14 @@ REDUCTIONS = ("max", "min")
 
 @dataclass(frozen=True)
 class HistogramTap:
-    """A histogram of `source(x)` ('x', 'relu' or 'abs') in `bins` bins over (low, high)."""
+    """A histogram of `source(x)` ('x', 'relu' or 'abs') in `bins` bins over (low, high), with
+    the count of exact zeros when `count_zeros` (relu/abs sources)."""
 
     source: str
     bins: int
     low: float
     high: float
+    count_zeros: bool = True
 
 
 @dataclass
@@ -104,9 +106,9 @@ def _histogram(graph: Graph, tensor: TensorRef, key: str, tap: HistogramTap) -> 
     SymbolBlock builds its backward graph up front."""
     stem = f"{tensor.node}_tap_hist"
     source, taps = tensor, []
-    if tap.source in ("relu", "abs"):
-        if not is_non_negative(graph, tensor):
-            source = TensorRef(graph.add_node(tap.source, f"{stem}_{tap.source}", [tensor], _tag(key, tap.source)))
+    if tap.source in ("relu", "abs") and not is_non_negative(graph, tensor):
+        source = TensorRef(graph.add_node(tap.source, f"{stem}_{tap.source}", [tensor], _tag(key, tap.source)))
+    if tap.source in ("relu", "abs") and tap.count_zeros:
         is_zero = TensorRef(graph.add_node("_equal_scalar", f"{stem}_is_zero", [source],
                                            {"scalar": "0.0", **_tag(key, "is_zero")}))
         taps.append(_global(graph, is_zero, f"{stem}_zeros", "sum", _tag(key, "zeros")))

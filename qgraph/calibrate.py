@@ -2,14 +2,17 @@
 
 naive: the seed's EMA (momentum 0.9) of each batch's threshold over `calib_epoch`
 passes with the online quantizer active, started from the first batch rather than
-from 0. Histogram modes (kl, entropy, percentile, mse) run the float graph twice
-with in-graph taps (passes/insert_observers.py): first the range of every tapped
-tensor over the whole calibration set, then histograms over that fixed range, and
-search thresholds with qgraph.observers. Afterwards the net quantizes inputs offline.
+from 0. kl, percentile and mse run the float graph once over the data with in-graph
+taps (passes/insert_observers.py): the first batch fixes a fine histogram grid per
+tensor, and the whole set fills it (see _one_pass_histograms); a tensor that outgrows
+its grid gets an exact second pass. entropy follows MXNet: the whole-set range first,
+then an 8001-bin symmetric histogram over it. Thresholds are searched with
+qgraph.observers. Afterwards the net quantizes inputs offline.
 """
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -21,6 +24,8 @@ log = logging.getLogger(__name__)
 MODES = ("naive", "kl", "entropy", "percentile", "mse")
 KL_BINS = 2048
 ENTROPY_BINS = 8001
+FINE_BINS = 64      # one-pass histograms: fine bins per KL bin at the first batch's range
+GRID_HEADROOM = 2   # the fine grid covers this multiple of the first batch's range
 
 
 def as_batches(data, batch_size: int = 128, num_batches: int | None = None) -> list:
@@ -127,63 +132,137 @@ def _run_taps(net, batches, taps_pass, progress, desc, combine):
     return {kind: value.asnumpy() for kind, value in totals.items()}
 
 
-def _combine_reduction(kind, old, new):
+def _combine(kind, old, new):
     import mxnet as mx
 
-    return mx.nd.minimum(old, new) if kind.endswith("|min") else mx.nd.maximum(old, new)
+    if kind.endswith("|min"):
+        return mx.nd.minimum(old, new)
+    if kind.endswith("|max"):
+        return mx.nd.maximum(old, new)
+    return old if kind.endswith("|hist_edges") else old + new
+
+
+def _top(ranges: dict, key: str, signed: bool) -> float:
+    """The range a histogram must cover: max |x| for signed inputs, max x for unsigned."""
+    top = max(float(ranges[f"{key}|max"][0]), -float(ranges[f"{key}|min"][0])) if signed else \
+        float(ranges[f"{key}|max"][0])
+    return top
+
+
+def _exact_histograms(net, batches, layers, keys, signed_keys, ranges, entropy, progress) -> dict:
+    """key -> (counts, taps used) over the exact whole-set range: a second pass over the data."""
+    from passes.insert_observers import HistogramTap, InsertObservers
+
+    taps = {}
+    for key in keys:
+        top = _top(ranges, key, key in signed_keys)
+        if top <= 0:
+            continue
+        if entropy:
+            absmax = _top(ranges, key, True)
+            taps[key] = HistogramTap("x", ENTROPY_BINS, -absmax, absmax)
+        else:
+            taps[key] = HistogramTap("abs" if key in signed_keys else "relu", KL_BINS, 0.0, top)
+    if not taps:
+        return {}
+    totals = _run_taps(net, batches, InsertObservers(layers=tuple(layers), reductions=(), histograms=taps),
+                       progress, "calibrate: histograms", _combine)
+    return {key: (_without_zeros(totals, key, tap), tap) for key, tap in taps.items()}
+
+
+def _without_zeros(totals: dict, key: str, tap) -> np.ndarray:
+    """The counts, with exact zeros taken out of the first bin (as the seed's histograms).
+    A one-pass fine grid has no zero count: its first bin, [0, width), is emptied instead."""
+    hist = totals[f"{key}|hist"].astype(np.float64)
+    if tap.source != "x":
+        hist[0] = 0.0 if tap.bins > KL_BINS else hist[0] - float(totals[f"{key}|zeros"][0])
+    return hist
+
+
+def _one_pass_histograms(net, batches, layers, keys, signed_keys, progress):
+    """Ranges and KL_BINS-bin histograms over (0, T'] in one pass over the data.
+
+    The first batch alone fixes a fine grid per tensor: FINE_BINS bins per KL bin over twice its
+    range. Its first fine bin, which holds the exact zeros the seed leaves out (and any value
+    below 1/131072 of the first batch's range), is dropped rather than counting zeros in-graph. The whole set then runs once with range and histogram taps; each histogram is
+    summed into KL_BINS bins of j fine bins, j the smallest that covers the whole-set maximum
+    M, so T' = KL_BINS * j * width exceeds M by less than M / FINE_BINS. Tensors whose
+    maximum outgrew their grid get a second, exact pass."""
+    from passes.insert_observers import HistogramTap, InsertObservers
+
+    first = _run_taps(net, batches[:1], InsertObservers(layers=tuple(layers)), False, "", _combine)
+    taps = {}
+    for key in keys:
+        first_top = _top(first, key, key in signed_keys)
+        if first_top > 0:
+            fine = KL_BINS * FINE_BINS * GRID_HEADROOM
+            taps[key] = HistogramTap("abs" if key in signed_keys else "relu", fine, 0.0,
+                                     first_top * GRID_HEADROOM, count_zeros=False)
+    totals = _run_taps(net, batches, InsertObservers(layers=tuple(layers), histograms=taps), progress,
+                       "calibrate: ranges and histograms", _combine)
+    histograms, regrid = {}, []
+    for key in keys:
+        top = _top(totals, key, key in signed_keys) if np.isfinite(totals[f"{key}|max"][0]) else np.nan
+        if not np.isfinite(top) or top <= 0:
+            continue
+        tap = taps.get(key)
+        if tap is None or top > tap.high:
+            regrid.append(key)
+            continue
+        width = tap.high / tap.bins
+        merge = int(np.ceil(top / (KL_BINS * width)))
+        fine = _without_zeros(totals, key, tap)[:KL_BINS * merge]
+        histograms[key] = (fine.reshape(KL_BINS, merge).sum(axis=1), KL_BINS * merge * width)
+    if regrid:
+        exact = _exact_histograms(net, batches, layers, regrid, signed_keys, totals, False, progress)
+        histograms.update({key: (hist, tap.high) for key, (hist, tap) in exact.items()})
+    return totals, histograms
 
 
 def _histogram_thresholds(net, batches, mode, percentile, progress) -> dict:
-    from passes.insert_observers import HistogramTap, InsertObservers, observed_tensors, tensor_key
+    from passes.insert_observers import InsertObservers, observed_tensors, tensor_key
 
     layers = [s.layer for s in net.input_specs]
     graph = net.float_graph
     key_of = {s.layer: tensor_key(graph.inputs(s.layer)[0]) for s in net.input_specs}
     signed_keys = {key_of[s.layer] for s in net.input_specs if s.signed}
-    ranges = _run_taps(net, batches, InsertObservers(layers=tuple(layers)), progress, "calibrate: ranges",
-                       _combine_reduction)
-    _warn_negative_unsigned(net, key_of, ranges)
-
-    for key in observed_tensors(graph, layers):
-        ranges[f"{key}|absmax"] = np.maximum(ranges[f"{key}|max"], -ranges[f"{key}|min"])
-    taps = {}
-    for key in observed_tensors(graph, layers):
+    keys = list(observed_tensors(graph, layers))
+    if mode == "entropy":  # MXNet's symmetric 8001-bin histogram over the exact range
+        ranges = _run_taps(net, batches, InsertObservers(layers=tuple(layers)), progress, "calibrate: ranges",
+                           _combine)
+    else:
+        ranges, histograms = _one_pass_histograms(net, batches, layers, keys, signed_keys, progress)
+    for key in keys:
         if not np.isfinite([ranges[f"{key}|{k}"][0] for k in ("max", "min")]).all():
             raise QGraphError(f"activations feeding {[l for l, k in key_of.items() if k == key][:3]} contain NaN or Inf")
-        top = float(ranges[f"{key}|absmax"][0] if key in signed_keys else ranges[f"{key}|max"][0])
-        if top <= 0:
-            continue
-        if mode == "entropy":
-            taps[key] = HistogramTap("x", ENTROPY_BINS, -float(ranges[f"{key}|absmax"][0]), float(ranges[f"{key}|absmax"][0]))
-        else:
-            taps[key] = HistogramTap("abs" if key in signed_keys else "relu", KL_BINS, 0.0, top)
-    histograms = _run_taps(net, batches, InsertObservers(layers=tuple(layers), reductions=(), histograms=taps),
-                           progress, f"calibrate: {mode} histograms", lambda kind, old, new: old + new)
-    for key, tap in taps.items():
-        if tap.source != "x":  # the seed's histograms leave exact zeros out
-            hist = histograms[f"{key}|hist"].astype(np.float64)
-            hist[0] -= float(histograms[f"{key}|zeros"][0])
-            histograms[f"{key}|hist"] = hist
+    _warn_negative_unsigned(net, key_of, ranges)
+    if mode == "entropy":
+        exact = _exact_histograms(net, batches, layers, keys, signed_keys, ranges, True, progress)
 
-    thresholds = {}
+    thresholds, searches = {}, {}
     for spec in net.input_specs:
         key = key_of[spec.layer]
-        if key not in taps:
+        if mode == "entropy" and key in exact:
+            hist, tap = exact[key]
+            unsigned = not spec.signed and float(ranges[f"{key}|min"][0]) >= 0
+            thresholds[spec.layer] = observers.entropy_threshold(hist, np.linspace(tap.low, tap.high, tap.bins + 1),
+                                                                 unsigned=unsigned)
+        elif mode != "entropy" and key in histograms:
+            hist, top = histograms[key]
+            if mode == "kl":
+                levels = 2 ** (spec.bits - 1) if spec.signed else 2 ** spec.bits
+                searches[spec.layer] = (observers.kl_threshold, hist, top, levels)
+            elif mode == "percentile":
+                searches[spec.layer] = (observers.percentile_threshold, hist, top, percentile)
+            else:
+                searches[spec.layer] = (observers.mse_threshold, hist, top, spec.levels)
+        else:
             thresholds[spec.layer] = 0.0
             log.warning("input of %s is never positive on the calibration set: threshold 0", spec.layer)
-            continue
-        tap, hist = taps[key], histograms[f"{key}|hist"]
-        if mode == "kl":
-            levels = 2 ** (spec.bits - 1) if spec.signed else 2 ** spec.bits
-            thresholds[spec.layer] = observers.kl_threshold(hist, tap.high, levels)
-        elif mode == "entropy":
-            edges = np.linspace(tap.low, tap.high, tap.bins + 1)
-            unsigned = not spec.signed and float(ranges[f"{key}|min"][0]) >= 0
-            thresholds[spec.layer] = observers.entropy_threshold(hist, edges, unsigned=unsigned)
-        elif mode == "percentile":
-            thresholds[spec.layer] = observers.percentile_threshold(hist, tap.high, percentile)
-        else:
-            thresholds[spec.layer] = observers.mse_threshold(hist, tap.high, spec.levels)
+    # numpy releases the GIL in the searches' large array operations, so two threads use both cores
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        found = pool.map(lambda job: job[0](*job[1:]), searches.values())
+        thresholds.update(zip(searches, found))
     return thresholds
 
 

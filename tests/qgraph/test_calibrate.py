@@ -90,11 +90,31 @@ def test_kl_thresholds_match_histograms_of_copied_activations(calibration_images
             # values to a neighbouring bin and the seed's KL argmin jumps with them
             continue
         checked += 1
-        top = float(values.max())
-        hist, _ = np.histogram(values[values > 0], bins=2048, range=(0, top))
+        hist, top = _one_pass_histogram(values, first_batch=values[:values.size * BATCH // len(activations)])
         expected = observers.kl_threshold(hist, top, 256)
         assert result[layer]["threshold"] == pytest.approx(expected, rel=1e-4), layer
     assert checked == 3
+
+
+def _one_pass_histogram(values, first_batch, fine=64):
+    """qgraph's one-pass rule, written out: a grid of 2048 * fine bins over the first batch's
+    range (twice over), its first bin (exact zeros) dropped, merged j bins at a time with j the
+    least covering the whole-set maximum. Returns (2048 counts, their upper end)."""
+    width = float(first_batch.max()) / (2048 * fine)
+    merge = int(np.ceil(values.max() / (2048 * width)))
+    top = 2048 * merge * width
+    kept = values[values >= width]
+    return np.histogram(kept, bins=2048, range=(0, top))[0], top
+
+
+def test_one_pass_range_covers_the_whole_set_within_one_part_in_64(calibration_images):
+    net = _net()
+    result = net.calibrate(calibration_images, "percentile", percentile=100.0, batch_size=BATCH, progress=False)
+    for layer, activations in _layer_inputs(net, calibration_images).items():
+        whole_set_max = float(np.maximum(activations, 0).max())
+        # percentile 100 is the upper edge of the last occupied bin: at or above the maximum,
+        # and above it by at most one bin of a range at most 1/64 wider than the maximum
+        assert whole_set_max * (1 - 1e-6) <= result[layer]["threshold"] <= whole_set_max * (1 + 1 / 64) * (1 + 1 / 2048)
 
 
 def test_signed_auto_inputs_use_absolute_values(calibration_images):
@@ -103,13 +123,11 @@ def test_signed_auto_inputs_use_absolute_values(calibration_images):
     for layer, activations in _layer_inputs(net, calibration_images).items():
         values = np.abs(activations.ravel())
         assert result[layer]["signed"]
-        values = values[values > 0]
-        threshold, width = result[layer]["threshold"], values.max() / 2048
+        hist, top = _one_pass_histogram(values, first_batch=values[:values.size * BATCH // len(activations)])
         # the first bin edge with at least 99.99 % of the values at or below it, within one bin:
         # MXNet bins in float32, so a value on an edge may land in the neighbouring bin
-        expected = observers.percentile_threshold(np.histogram(values, bins=2048, range=(0, values.max()))[0],
-                                                  values.max(), 99.99)
-        assert abs(threshold - expected) <= width * 1.001
+        expected = observers.percentile_threshold(hist, top, 99.99)
+        assert abs(result[layer]["threshold"] - expected) <= top / 2048 * 1.001
 
 
 @pytest.mark.parametrize("bad, message", [
