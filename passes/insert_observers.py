@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from qgraph import attrs as A
 from qgraph.analysis import is_non_negative
 from qgraph.graph import Graph, TensorRef
 from qgraph.pass_manager import PassContext
@@ -76,9 +77,20 @@ def _tag(key: str, kind: str) -> dict:
     return {TAP_TAG: f"{key}|{kind}"}
 
 
-def _global(graph: Graph, tensor: TensorRef, stem: str, pool_type: str, tag: dict) -> TensorRef:
-    """max or sum of every element of `tensor`, shape (1,), via pooling over a (N, 1, 1, -1) view."""
-    view = graph.add_node("Reshape", f"{stem}_view", [tensor], {"shape": "(0, 1, 1, -1)", **tag})
+def _is_image_batch(graph: Graph, tensor: TensorRef) -> bool:
+    """True when a 2-D convolution or pooling reads `tensor`, so it is NCHW."""
+    return any(slot == 0 and graph.op(reader) in ("Convolution", "Deconvolution", "Pooling")
+               and len(A.get_tuple(graph.attrs(reader), "kernel", (), reader)) == 2
+               for reader, slot in graph.consumers(tensor))
+
+
+def _global(graph: Graph, tensor: TensorRef, stem: str, pool_type: str, tag: dict, image_batch: bool) -> TensorRef:
+    """max or sum of every element of `tensor`, shape (1,), via global pooling: straight on an
+    NCHW tensor (`image_batch`: it keeps oneDNN's blocked layout, which a Reshape would first
+    convert), otherwise over a (N, 1, 1, -1) view."""
+    view = tensor
+    if not image_batch:
+        view = TensorRef(graph.add_node("Reshape", f"{stem}_view", [tensor], {"shape": "(0, 1, 1, -1)", **tag}))
     pooled = graph.add_node("Pooling", f"{stem}_pool", [view],
                             {"kernel": "(1, 1)", "global_pool": "True", "pool_type": pool_type, **tag})
     return TensorRef(graph.add_node(pool_type if pool_type == "max" else "sum", stem, [pooled], tag))
@@ -86,12 +98,13 @@ def _global(graph: Graph, tensor: TensorRef, stem: str, pool_type: str, tag: dic
 
 def _reduction(graph: Graph, tensor: TensorRef, key: str, kind: str) -> TensorRef:
     stem = f"{tensor.node}_tap_{kind}"
+    image_batch = _is_image_batch(graph, tensor)
     if kind == "max":
-        return _global(graph, tensor, stem, "max", _tag(key, kind))
+        return _global(graph, tensor, stem, "max", _tag(key, kind), image_batch)
     if is_non_negative(graph, tensor):
         return TensorRef(graph.add_node("_zeros", stem, [], {"shape": "(1,)", **_tag(key, kind)}))
     negated = TensorRef(graph.add_node("negative", f"{stem}_neg", [tensor], _tag(key, "neg")))
-    largest_negated = _global(graph, negated, f"{stem}_negmax", "max", _tag(key, "negmax"))
+    largest_negated = _global(graph, negated, f"{stem}_negmax", "max", _tag(key, "negmax"), image_batch)
     return TensorRef(graph.add_node("negative", stem, [largest_negated], _tag(key, kind)))
 
 
@@ -111,7 +124,7 @@ def _histogram(graph: Graph, tensor: TensorRef, key: str, tap: HistogramTap) -> 
     if tap.source in ("relu", "abs") and tap.count_zeros:
         is_zero = TensorRef(graph.add_node("_equal_scalar", f"{stem}_is_zero", [source],
                                            {"scalar": "0.0", **_tag(key, "is_zero")}))
-        taps.append(_global(graph, is_zero, f"{stem}_zeros", "sum", _tag(key, "zeros")))
+        taps.append(_global(graph, is_zero, f"{stem}_zeros", "sum", _tag(key, "zeros"), _is_image_batch(graph, tensor)))
     node = graph.add_node("_histogram", stem, [source],
                           {"bin_cnt": tap.bins, "range": f"({tap.low!r}, {tap.high!r})", **_tag(key, "histogram")})
     counts = graph.add_node("BlockGrad", f"{stem}_counts", [TensorRef(node, 0)], _tag(key, "hist"))
