@@ -72,7 +72,10 @@ class PassContext:
 
 
 class Instrument:
-    """Hooks around every pass; subclasses override what they need."""
+    """Hooks around a pipeline run and every pass in it; subclasses override what they need."""
+
+    def run_begin(self, graph: Graph, ctx: PassContext) -> None:
+        pass
 
     def should_run(self, pass_: Pass, graph: Graph, ctx: PassContext) -> bool:
         return True
@@ -128,9 +131,11 @@ class DumpInstrument(Instrument):
         self.formats = tuple(formats)
         self.count = 0
 
+    def run_begin(self, graph, ctx):
+        self.count = 0  # each run numbers its dumps from 00_input again
+        self._dump(graph, "input", set(), set())
+
     def run_before(self, pass_, graph, ctx):
-        if self.count == 0:
-            self._dump(graph, "input", set(), set())
         self._before = node_signatures(graph)
 
     def run_after(self, pass_, graph, ctx):
@@ -177,6 +182,8 @@ class PassManager:
                 graph.verify()
             except QGraphError as err:
                 raise PassError(f"input graph fails verification before any pass: {err}") from None
+        for instrument in self.instruments:
+            instrument.run_begin(graph, ctx)
         ran: list[str] = []
         for pass_ in self.passes:
             if not all(i.should_run(pass_, graph, ctx) for i in self.instruments):

@@ -310,3 +310,10 @@ def test_the_input_graph_is_not_modified(small_graph, passes):
     for name, value in params_before.items():
         assert np.array_equal(small_graph.params[name], value), name
     small_graph.verify()
+
+
+def test_reused_dump_instrument_numbers_each_run_from_the_input(small_graph, tmp_path):
+    manager = PassManager([FoldBN()], instruments=[DumpInstrument(tmp_path, formats=())])
+    manager.run(small_graph)
+    manager.run(small_graph)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00_input.dot", "01_fold_bn.dot"]
