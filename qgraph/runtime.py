@@ -31,8 +31,6 @@ def _threshold_name(spec: FakeQuantSpec) -> str:
 
 def _make_params(graph: Graph, thresholds: set, ctx):
     """A ParameterDict holding the graph's parameters; thresholds and aux states get no gradient."""
-    import mxnet as mx
-
     params = mx.gluon.ParameterDict("")
     aux = graph.aux_names()
     for name, value in graph.params.items():
@@ -44,17 +42,15 @@ def _make_params(graph: Graph, thresholds: set, ctx):
 
 
 class _Emission:
-    """One mode's SymbolBlock and its output count (a plain holder, so Gluon does not treat
-    the cache as an unregistered container of child blocks)."""
+    """One mode's SymbolBlock, in a plain holder so Gluon does not treat the cache as an
+    unregistered container of child blocks."""
 
-    def __init__(self, block, n_outputs: int):
-        self.block, self.n_outputs = block, n_outputs
+    def __init__(self, block):
+        self.block = block
 
 
 def symbol_block(graph: Graph, params):
     """A SymbolBlock computing `graph` whose parameters come from the shared ParameterDict `params`."""
-    import mxnet as mx
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return mx.gluon.SymbolBlock(graph.to_symbol(), [mx.sym.var(n) for n in graph.input_names], params=params)
@@ -119,7 +115,7 @@ class QuantizedNet(mx.gluon.SymbolBlock):
     def _emission(self, key) -> _Emission:
         if key not in self._emissions:
             graph = self.emit(*key)
-            self._emissions[key] = _Emission(symbol_block(graph, self._shared), len(graph.outputs))
+            self._emissions[key] = _Emission(symbol_block(graph, self._shared))
         return self._emissions[key]
 
     def forward(self, x, *args):
@@ -190,8 +186,6 @@ class QuantizedNet(mx.gluon.SymbolBlock):
 
     def set_thresholds(self, thresholds: dict) -> None:
         """Store thresholds given by layer name (as `thresholds()` returns them)."""
-        import mxnet as mx
-
         by_layer = {s.layer: _threshold_name(s) for s in self.input_specs}
         for layer, value in thresholds.items():
             if layer not in by_layer:
