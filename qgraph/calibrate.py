@@ -3,7 +3,7 @@
 naive: the seed's EMA (momentum 0.9) of each batch's threshold over `calib_epoch`
 passes with the online quantizer active, started from the first batch rather than
 from 0. kl, percentile and mse run the float graph once over the data with in-graph
-taps (passes/insert_observers.py): the first batch fixes a fine histogram grid per
+taps (qgraph/taps.py): the first batch fixes a fine histogram grid per
 tensor, and the whole set fills it (see _one_pass_histograms); a tensor that outgrows
 its grid gets an exact second pass. entropy follows MXNet: the whole-set range first,
 then an 8001-bin symmetric histogram over it. Thresholds are searched with
@@ -18,6 +18,7 @@ import numpy as np
 
 from . import observers
 from .errors import ConfigError, QGraphError
+from .taps import HistogramTap, add_taps, observed_tensors, tap_kind, tensor_key
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +106,12 @@ class _TapRunner:
     """The float graph with taps as extra outputs, as a SymbolBlock sharing the net's
     parameters: the same execution path, and so the same rounding, as the net's evaluation."""
 
-    def __init__(self, net, taps_pass):
-        from passes.insert_observers import tap_kind
-
-        from .pass_manager import PassContext
+    def __init__(self, net, taps: dict):
         from .runtime import symbol_block
 
         graph = net.float_graph.copy().cleanup()
         self.n_model = len(graph.outputs)
-        graph = taps_pass.run(graph, PassContext())
+        add_taps(graph, **taps)
         self.kinds = [tap_kind(graph, ref) for ref in graph.outputs[self.n_model:]]
         self.block = symbol_block(graph, net.collect_params())
 
@@ -121,9 +119,10 @@ class _TapRunner:
         return self.block(batch)
 
 
-def _run_taps(net, batches, taps_pass, progress, desc, combine):
-    """Run every batch; combine each tap's outputs across batches with `combine(old, new)`."""
-    runner = _TapRunner(net, taps_pass)
+def _run_taps(net, batches, taps: dict, progress, desc, combine):
+    """Run every batch through the float graph with `taps` (qgraph.taps.add_taps arguments);
+    combine each tap's outputs across batches with `combine(kind, old, new)`."""
+    runner = _TapRunner(net, taps)
     totals: dict = {}
     for batch in _bar(batches, progress, desc):
         outputs = runner(batch)
@@ -151,8 +150,6 @@ def _top(ranges: dict, key: str, signed: bool) -> float:
 
 def _exact_histograms(net, batches, layers, keys, signed_keys, ranges, entropy, progress) -> dict:
     """key -> (counts, taps used) over the exact whole-set range: a second pass over the data."""
-    from passes.insert_observers import HistogramTap, InsertObservers
-
     taps = {}
     for key in keys:
         top = _top(ranges, key, key in signed_keys)
@@ -165,7 +162,7 @@ def _exact_histograms(net, batches, layers, keys, signed_keys, ranges, entropy, 
             taps[key] = HistogramTap("abs" if key in signed_keys else "relu", KL_BINS, 0.0, top)
     if not taps:
         return {}
-    totals = _run_taps(net, batches, InsertObservers(layers=tuple(layers), reductions=(), histograms=taps),
+    totals = _run_taps(net, batches, dict(layers=layers, reductions=(), histograms=taps),
                        progress, "calibrate: histograms", _combine)
     return {key: (_without_zeros(totals, key, tap), tap) for key, tap in taps.items()}
 
@@ -188,9 +185,7 @@ def _one_pass_histograms(net, batches, layers, keys, signed_keys, progress):
     summed into KL_BINS bins of j fine bins, j the smallest that covers the whole-set maximum
     M, so T' = KL_BINS * j * width exceeds M by less than M / FINE_BINS. Tensors whose
     maximum outgrew their grid get a second, exact pass."""
-    from passes.insert_observers import HistogramTap, InsertObservers
-
-    first = _run_taps(net, batches[:1], InsertObservers(layers=tuple(layers)), False, "", _combine)
+    first = _run_taps(net, batches[:1], dict(layers=layers), False, "", _combine)
     taps = {}
     for key in keys:
         first_top = _top(first, key, key in signed_keys)
@@ -198,7 +193,7 @@ def _one_pass_histograms(net, batches, layers, keys, signed_keys, progress):
             fine = KL_BINS * FINE_BINS * GRID_HEADROOM
             taps[key] = HistogramTap("abs" if key in signed_keys else "relu", fine, 0.0,
                                      first_top * GRID_HEADROOM, count_zeros=False)
-    totals = _run_taps(net, batches, InsertObservers(layers=tuple(layers), histograms=taps), progress,
+    totals = _run_taps(net, batches, dict(layers=layers, histograms=taps), progress,
                        "calibrate: ranges and histograms", _combine)
     histograms, regrid = {}, []
     for key in keys:
@@ -220,15 +215,13 @@ def _one_pass_histograms(net, batches, layers, keys, signed_keys, progress):
 
 
 def _histogram_thresholds(net, batches, mode, percentile, progress) -> dict:
-    from passes.insert_observers import InsertObservers, observed_tensors, tensor_key
-
     layers = [s.layer for s in net.input_specs]
     graph = net.float_graph
     key_of = {s.layer: tensor_key(graph.inputs(s.layer)[0]) for s in net.input_specs}
     signed_keys = {key_of[s.layer] for s in net.input_specs if s.signed}
     keys = list(observed_tensors(graph, layers))
     if mode == "entropy":  # MXNet's symmetric 8001-bin histogram over the exact range
-        ranges = _run_taps(net, batches, InsertObservers(layers=tuple(layers)), progress, "calibrate: ranges",
+        ranges = _run_taps(net, batches, dict(layers=layers), progress, "calibrate: ranges",
                            _combine)
     else:
         ranges, histograms = _one_pass_histograms(net, batches, layers, keys, signed_keys, progress)
