@@ -150,17 +150,24 @@ def from_block(block, input_shape=None) -> Graph:
     return graph
 
 
+def _prefixed_arrays(graph: Graph, symbol) -> dict:
+    """The parameters as NDArrays keyed 'arg:name' / 'aux:name', as MXNet saves and loads them."""
+    import mxnet as mx
+
+    aux = graph.aux_names(symbol)
+    return {("aux:" if k in aux else "arg:") + k: mx.nd.array(v, dtype=v.dtype) for k, v in graph.params.items()}
+
+
 def to_block(graph: Graph, ctx=None):
     """A SymbolBlock computing `graph`, with its parameters loaded on `ctx`."""
     import mxnet as mx
 
     ctx = ctx or mx.cpu()
     symbol = graph.to_symbol()
-    aux = graph.aux_names(symbol)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         block = mx.gluon.SymbolBlock(symbol, [mx.sym.var(n) for n in graph.input_names])
-    arrays = {("aux:" if k in aux else "arg:") + k: mx.nd.array(v, dtype=v.dtype) for k, v in graph.params.items()}
+    arrays = _prefixed_arrays(graph, symbol)
     block.collect_params().load_dict(arrays, ctx=ctx, cast_dtype=True, dtype_source="saved")
     return block
 
@@ -195,8 +202,7 @@ def save(graph: Graph, prefix, epoch: int = 0) -> tuple[Path, Path]:
     symbol_path = Path(f"{prefix}-symbol.json")
     params_path = Path(f"{prefix}-{epoch:04d}.params")
     text = graph.to_json()
-    aux = graph.aux_names()
-    arrays = {("aux:" if k in aux else "arg:") + k: mx.nd.array(v, dtype=v.dtype) for k, v in graph.params.items()}
+    arrays = _prefixed_arrays(graph, graph.to_symbol())
     temps = []
     try:
         for target in (symbol_path, params_path):
