@@ -119,15 +119,15 @@ class _TapRunner:
         return self.block(batch)
 
 
-def _run_taps(net, batches, taps: dict, progress, desc, combine):
+def _run_taps(net, batches, taps: dict, progress, desc):
     """Run every batch through the float graph with `taps` (qgraph.taps.add_taps arguments);
-    combine each tap's outputs across batches with `combine(kind, old, new)`."""
+    combine each tap's outputs across batches with `_combine`."""
     runner = _TapRunner(net, taps)
     totals: dict = {}
     for batch in _bar(batches, progress, desc):
         outputs = runner(batch)
         for kind, value in zip(runner.kinds, outputs[runner.n_model:]):
-            totals[kind] = value.copy() if kind not in totals else combine(kind, totals[kind], value)
+            totals[kind] = value.copy() if kind not in totals else _combine(kind, totals[kind], value)
     return {kind: value.asnumpy() for kind, value in totals.items()}
 
 
@@ -143,9 +143,8 @@ def _combine(kind, old, new):
 
 def _top(ranges: dict, key: str, signed: bool) -> float:
     """The range a histogram must cover: max |x| for signed inputs, max x for unsigned."""
-    top = max(float(ranges[f"{key}|max"][0]), -float(ranges[f"{key}|min"][0])) if signed else \
-        float(ranges[f"{key}|max"][0])
-    return top
+    largest = float(ranges[f"{key}|max"][0])
+    return max(largest, -float(ranges[f"{key}|min"][0])) if signed else largest
 
 
 def _exact_histograms(net, batches, layers, keys, signed_keys, ranges, entropy, progress) -> dict:
@@ -163,7 +162,7 @@ def _exact_histograms(net, batches, layers, keys, signed_keys, ranges, entropy, 
     if not taps:
         return {}
     totals = _run_taps(net, batches, dict(layers=layers, reductions=(), histograms=taps),
-                       progress, "calibrate: histograms", _combine)
+                       progress, "calibrate: histograms")
     return {key: (_without_zeros(totals, key, tap), tap) for key, tap in taps.items()}
 
 
@@ -185,7 +184,7 @@ def _one_pass_histograms(net, batches, layers, keys, signed_keys, progress):
     summed into KL_BINS bins of j fine bins, j the smallest that covers the whole-set maximum
     M, so T' = KL_BINS * j * width exceeds M by less than M / FINE_BINS. Tensors whose
     maximum outgrew their grid get a second, exact pass."""
-    first = _run_taps(net, batches[:1], dict(layers=layers), False, "", _combine)
+    first = _run_taps(net, batches[:1], dict(layers=layers), False, "")
     taps = {}
     for key in keys:
         first_top = _top(first, key, key in signed_keys)
@@ -194,7 +193,7 @@ def _one_pass_histograms(net, batches, layers, keys, signed_keys, progress):
             taps[key] = HistogramTap("abs" if key in signed_keys else "relu", fine, 0.0,
                                      first_top * GRID_HEADROOM, count_zeros=False)
     totals = _run_taps(net, batches, dict(layers=layers, histograms=taps), progress,
-                       "calibrate: ranges and histograms", _combine)
+                       "calibrate: ranges and histograms")
     histograms, regrid = {}, []
     for key in keys:
         top = _top(totals, key, key in signed_keys) if np.isfinite(totals[f"{key}|max"][0]) else np.nan
@@ -221,8 +220,7 @@ def _histogram_thresholds(net, batches, mode, percentile, progress) -> dict:
     signed_keys = {key_of[s.layer] for s in net.input_specs if s.signed}
     keys = list(observed_tensors(graph, layers))
     if mode == "entropy":  # MXNet's symmetric 8001-bin histogram over the exact range
-        ranges = _run_taps(net, batches, dict(layers=layers), progress, "calibrate: ranges",
-                           _combine)
+        ranges = _run_taps(net, batches, dict(layers=layers), progress, "calibrate: ranges")
     else:
         ranges, histograms = _one_pass_histograms(net, batches, layers, keys, signed_keys, progress)
     for key in keys:
