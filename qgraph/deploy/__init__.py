@@ -1,0 +1,1 @@
+"""Deployment back ends: write a qgraph Graph in an inference engine's own model format."""
