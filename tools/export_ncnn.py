@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="evaluation images and labels (arrays 'data' and 'label') instead of CIFAR-10 test")
     check.add_argument("--verify-limit", type=_positive, default=None, metavar="N",
                        help="evaluate only the first N test images (default: all)")
+    check.add_argument("--ncnn-fp16", action="store_true",
+                       help="let ncnn keep float data in fp16 where the CPU allows (its default); without it "
+                            "--verify runs float layers in float32, as MXNet and the simulation do")
     check.add_argument("--threads", type=_positive, default=1, help="ncnn threads (default: 1)")
     check.add_argument("-q", "--quiet", action="store_true", help="print only errors and the result lines")
     return parser
@@ -123,7 +126,7 @@ def run(args) -> int:
     import passes
     import qgraph
     from qgraph.deploy import ncnn as deploy
-    from qgraph.io import guess_input_shapes, symbol_and_params_paths
+    from qgraph.io import ensure_writable_folder, guess_input_shapes, symbol_and_params_paths
 
     config = config_from_args(args).replace(merge_bn=True, online=False)
     if not args.no_int8:
@@ -135,8 +138,12 @@ def run(args) -> int:
         raise qgraph.GraphError(f"{symbol_path}: no params file beside it; pass --params")
     name = symbol_path.name[: -len("-symbol.json")] if symbol_path.name.endswith("-symbol.json") else symbol_path.stem
     out = args.out or name
+    ensure_writable_folder(out)
+    graph = qgraph.load_files(symbol_path, params_path, input_names=[args.input_name])
+    graph.input_shapes = {args.input_name: args.input_shape} if args.input_shape else guess_input_shapes(graph)
+    shape = graph.input_shapes[args.input_name]
     data_dir = args.data_dir
-    if data_dir is None:
+    if data_dir is None and tuple(shape[1:]) == (3, 32, 32):
         from qgraph.data import default_cifar10_dir
 
         data_dir = default_cifar10_dir()
@@ -144,37 +151,31 @@ def run(args) -> int:
         raise qgraph.ConfigError("--verify needs test images: --data-dir (CIFAR-10) or --verify-data")
     if not args.no_int8 and not args.calib_data and data_dir is None:
         raise qgraph.ConfigError("int8 export needs calibration images: --calib-data or --data-dir (or --no-int8)")
-
-    graph = qgraph.load_files(symbol_path, params_path, input_names=[args.input_name])
-    graph.input_shapes = {args.input_name: args.input_shape} if args.input_shape else guess_input_shapes(graph)
-    shape = graph.input_shapes[args.input_name]
     folded, report = qgraph.PassManager(passes.build_pipeline("fold_bn")).run(graph, config)
     say = (lambda *a: None) if args.quiet else print
     for entry in report.entries:
         if entry.action == "skipped":
             say(f"fold_bn skipped {entry.node}: {entry.reason}")
     fp32 = deploy.to_ncnn(folded, shape)
-    written = list(fp32.save(out))
-    outputs = {"fp32": written}
+    files = {Path(f"{out}.param"): fp32.param.encode(), Path(f"{out}.bin"): fp32.bin}
 
-    net = table = None
+    net = None
     if not args.no_int8:
         net = qgraph.quantize(folded, config)
         images = calibration_images(args, shape, data_dir)
         net.calibrate(images, args.calib_mode, calib_epoch=args.calib_epoch, batch_size=args.calib_batch_size,
                       percentile=args.percentile, progress=not args.quiet)
-        table = deploy.calibration_table(folded, net.thresholds())
-        text = table.format()
+        text = deploy.calibration_table(folded, net.thresholds()).format()
         # ncnn2int8 reads the scales back from the printed table, so the int8 model does too
-        int8 = deploy.to_ncnn(folded, shape, deploy.Table.parse(text))
-        int8_paths = deploy.write_files_atomic({Path(f"{out}.table"): text.encode(),
-                                                Path(f"{out}-int8.param"): int8.param.encode(),
-                                                Path(f"{out}-int8.bin"): int8.bin})
-        written += list(int8_paths)
-        outputs["int8"] = int8_paths
-        say(f"calibrated {len(table.inputs)} int8 layers ({args.calib_mode}); float layers: "
-            f"{sorted(n for n in folded.nodes(('Convolution', 'FullyConnected')) if n not in table.inputs) or 'none'}")
+        table = deploy.Table.parse(text)
+        int8 = deploy.to_ncnn(folded, shape, table)
+        files.update({Path(f"{out}.table"): text.encode(), Path(f"{out}-int8.param"): int8.param.encode(),
+                      Path(f"{out}-int8.bin"): int8.bin})
+        floats = sorted(n for n in folded.nodes(("Convolution", "FullyConnected")) if n not in table.inputs)
+        say(f"calibrated {len(table.inputs)} int8 layers ({args.calib_mode}); float layers: {floats or 'none'}")
+    written = deploy.write_files_atomic(files)
     say("wrote " + ", ".join(str(p) for p in written))
+    outputs = {"fp32": written[:2], "int8": written[3:5]}
     if args.verify:
         verify(args, folded, fp32, outputs, net, data_dir, np, deploy, say)
     return 0
@@ -223,16 +224,17 @@ def verify(args, folded, fp32, outputs, net, data_dir, np, deploy, say) -> None:
         shape = folded.input_shapes[args.input_name]
         images, labels = np.random.default_rng(0).standard_normal((FP32_CHECK_IMAGES,) + shape[1:]).astype("f4"), None
     sample = images[:FP32_CHECK_IMAGES]
+    options = {} if args.ncnn_fp16 else deploy.FLOAT32_OPTIONS
     runner = deploy.NcnnRunner(*outputs["fp32"], input_name=args.input_name, output_name=fp32.outputs[0],
-                               num_threads=args.threads)
+                               num_threads=args.threads, options=options)
     ours, ref = runner(sample), folded.to_block()(mx.nd.array(sample)).asnumpy()
     relative = float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
     status = "ok" if relative <= FP32_TOLERANCE else f"ABOVE {FP32_TOLERANCE:g}"
     print(f"fp32 ncnn vs MXNet: max relative difference {relative:.2e} over {len(sample)} images ({status})")
     if net is None:
         return
-    int8 = deploy.NcnnRunner(*outputs["int8"][1:], input_name=args.input_name, output_name=fp32.outputs[0],
-                             num_threads=args.threads)
+    int8 = deploy.NcnnRunner(*outputs["int8"], input_name=args.input_name, output_name=fp32.outputs[0],
+                             num_threads=args.threads, options=dict(options, use_int8_inference=True))
     ncnn_top = int8(images, progress=_bar(not args.quiet, "ncnn int8")).reshape(len(images), -1).argmax(1)
     sim_top = np.concatenate([net(mx.nd.array(images[i:i + 256])).asnumpy().reshape(len(images[i:i + 256]), -1)
                               for i in range(0, len(images), 256)]).argmax(1)
