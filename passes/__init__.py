@@ -7,8 +7,9 @@ from .exclude import Exclude
 from .fold_bn import FoldBN
 from .insert_fake_quant import InsertFakeQuant
 from .insert_observers import InsertObservers
+from .winograd_quant import WinogradQuant
 
-PASSES = {cls.name: cls for cls in (FoldBN, Exclude, InsertFakeQuant, InsertObservers)}
+PASSES = {cls.name: cls for cls in (FoldBN, Exclude, InsertFakeQuant, InsertObservers, WinogradQuant)}
 
 
 def get_pass(name: str):
@@ -27,6 +28,8 @@ def build_pipeline(names) -> list:
 
 
 def default_pipeline(config) -> list:
-    """The passes a QuantConfig asks for: fold_bn when merge_bn, then exclude and insert_fake_quant."""
+    """The passes a QuantConfig asks for: fold_bn when merge_bn, then exclude and insert_fake_quant,
+    then winograd_quant when a Winograd tile is set."""
     names = (["fold_bn"] if config.merge_bn else []) + ["exclude", "insert_fake_quant"]
+    names += ["winograd_quant"] if config.winograd != "none" else []
     return build_pipeline(names)

@@ -57,6 +57,12 @@ def add_quant_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                        help="keep this node in float: an exact name or a regex matching whole names (repeatable)")
     group.add_argument("--exclude-op", action="append", default=[], metavar="OP",
                        help="keep every node of this op type in float, e.g. FullyConnected (repeatable)")
+    group.add_argument("--wino_quantize", "--wino-quantize", dest="wino_quantize", choices=("none", "F23", "F43", "F63"),
+                       default="none", help="quantize 3x3 stride-1 convolutions in this Winograd tile's domain "
+                                            "(default: none)")
+    group.add_argument("--wino-mode", choices=("weight", "full"), default="weight",
+                       help="weight: weights quantized in the Winograd domain, then a direct convolution (the "
+                            "seed); full: the Winograd kernel, input tiles quantized too (default: weight)")
     return group
 
 
@@ -66,7 +72,8 @@ def config_from_args(args) -> QuantConfig:
                        input_bits=args.input_bits_width, online=not args.quantize_input_offline,
                        online_stat=args.online_stat, merge_bn=args.merge_bn,
                        exclude_first_conv=args.exclude_first_conv, exclude_last_fc=args.exclude_last_fc,
-                       exclude=tuple(args.exclude), exclude_ops=tuple(args.exclude_op))
+                       exclude=tuple(args.exclude), exclude_ops=tuple(args.exclude_op),
+                       winograd=args.wino_quantize, winograd_mode=args.wino_mode)
 
 
 def _floats(text: str) -> tuple:

@@ -9,6 +9,8 @@ from .errors import ConfigError
 
 QUANT_TYPES = ("layer", "group", "channel")
 ONLINE_STATS = ("max", "mean_max")
+WINOGRAD_TILES = ("none", "F23", "F43", "F63")
+WINOGRAD_MODES = ("weight", "full")
 
 
 @dataclass(frozen=True)
@@ -20,7 +22,10 @@ class QuantConfig:
     seed's default), True (int), or 'auto' (unsigned only where the producer is provably
     non-negative). online: input thresholds from each batch (True) or calibrated
     parameters (False). online_stat: 'max' (batch max, the default) or 'mean_max' (the
-    seed's mean of per-sample maxima, which clips the larger samples).
+    seed's mean of per-sample maxima, which clips the larger samples). winograd: 'none' or
+    the tile F23/F43/F63 in which 3x3 stride-1 convolutions are quantized; winograd_mode:
+    'weight' (the seed: weights quantized in the Winograd domain, then a direct convolution)
+    or 'full' (the Winograd kernel itself, input tiles quantized too).
     """
 
     weight_bits: int = 8
@@ -35,6 +40,8 @@ class QuantConfig:
     exclude_last_fc: bool = False
     exclude: tuple = ()          # exact node names or regular expressions (full match)
     exclude_ops: tuple = ()      # operator types, e.g. ("FullyConnected",)
+    winograd: str = "none"
+    winograd_mode: str = "weight"
 
     def __post_init__(self):
         for name in ("weight_bits", "input_bits"):
@@ -47,6 +54,11 @@ class QuantConfig:
             raise ConfigError(f"QuantConfig.input_signed={self.input_signed!r}: must be True, False or 'auto'")
         if self.online_stat not in ONLINE_STATS:
             raise ConfigError(f"QuantConfig.online_stat={self.online_stat!r}: must be one of {', '.join(ONLINE_STATS)}")
+        if self.winograd not in WINOGRAD_TILES:
+            raise ConfigError(f"QuantConfig.winograd={self.winograd!r}: must be one of {', '.join(WINOGRAD_TILES)}")
+        if self.winograd_mode not in WINOGRAD_MODES:
+            raise ConfigError(f"QuantConfig.winograd_mode={self.winograd_mode!r}: must be one of "
+                              f"{', '.join(WINOGRAD_MODES)}")
         for name in ("quantize_input", "online", "merge_bn", "exclude_first_conv", "exclude_last_fc"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"QuantConfig.{name}={getattr(self, name)!r}: must be True or False")

@@ -23,6 +23,7 @@ import dataclasses
 import json
 from dataclasses import asdict, dataclass
 
+from . import winograd
 from .attrs import get_tuple
 from .errors import GraphError
 from .graph import Graph, TensorRef
@@ -48,7 +49,9 @@ class FakeQuantSpec:
     `slot` that input's slot. Weights: `reshape` groups W as (G, -1) (or finer for
     Deconvolution channels) and `axes` are reduced for each scale. Inputs: `online`
     thresholds come from the batch (`stat` 'max' or 'mean_max'), otherwise from the
-    parameter `threshold`."""
+    parameter `threshold`. A weight spec with `winograd` set (F23/F43/F63) quantizes the
+    3x3 kernels in that tile's Winograd domain, U = G g G^T, grouped by `reshape` as W would
+    be, and projects Q(U) back with G's pseudo-inverse (qgraph.winograd)."""
 
     kind: str              # "weight" or "input"
     layer: str
@@ -62,6 +65,7 @@ class FakeQuantSpec:
     online: bool = True
     stat: str = "max"
     threshold: str = ""
+    winograd: str = ""
 
     @property
     def id(self) -> str:
@@ -123,14 +127,17 @@ def add_weight_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True) -
     # _copy first: oneDNN grouped convolutions re-lay the shared weight in place, and
     # Reshape cannot read that layout ("could not create a primitive descriptor for a reorder")
     private = build.op("_copy", "copy", [weight])
-    grouped = build.op("Reshape", "grouped", [private], shape=spec.reshape)
+    source = winograd.transform_weight(build.op, private, spec.winograd) if spec.winograd else private
+    grouped = build.op("Reshape", "grouped", [source], shape=spec.reshape)
     magnitude = build.op("max", "absmax", [build.op("abs", "abs", [grouped])], axis=spec.axes, keepdims=True)
     scale = build.scale(magnitude)
     integers = build.op("clip", "int", [build.op("round", "round", [build.op("broadcast_div", "div", [grouped, scale])])],
                         a_min=float(-levels), a_max=float(levels))
+    dequantized = build.op("broadcast_mul", "mul", [integers, scale])
+    if spec.winograd:
+        dequantized = winograd.project_weight(build.op, dequantized, spec.winograd)
     # Reshape to the stored shape: reshape_like fails MXNet's partial shape inference here
-    quantized = build.op("Reshape", "dequant", [build.op("broadcast_mul", "mul", [integers, scale])],
-                         shape=spec.shape)
+    quantized = build.op("Reshape", "dequant", [dequantized], shape=spec.shape)
     exit_ref = build.finish(weight, quantized, ste)
     graph.set_input(spec.layer, spec.slot, exit_ref)
     return _tag_exit(graph, exit_ref, spec)
@@ -181,13 +188,14 @@ def fake_quant_specs(graph: Graph) -> list[FakeQuantSpec]:
     return [FakeQuantSpec.from_json(graph.attrs(n)[SPEC_TAG]) for n in graph.nodes() if SPEC_TAG in graph.attrs(n)]
 
 
-def strip_fake_quant(graph: Graph, kinds=("weight", "input")) -> Graph:
-    """Remove the fake-quant subgraphs of the given kinds, wiring each layer back to the
+def strip_fake_quant(graph: Graph, kinds=("weight", "input"), layers=None) -> Graph:
+    """Remove the fake-quant subgraphs of the given kinds (and, if given, only those feeding
+    the nodes in `layers`), wiring each layer back to the
     tensor the subgraph quantized. Threshold parameters left unused are dropped with the
     rest of the dead nodes: read them from `graph.params` first if they are needed."""
     for exit_node in [n for n in graph.nodes() if SPEC_TAG in graph.attrs(n)]:
         spec = FakeQuantSpec.from_json(graph.attrs(exit_node)[SPEC_TAG])
-        if spec.kind not in kinds:
+        if spec.kind not in kinds or (layers is not None and spec.layer not in layers):
             continue
         members = {n for n in graph.nx if graph.attrs(n).get(FQ_TAG) == spec.id}
         sources = {ref for n in members for ref in graph.inputs(n)
