@@ -36,6 +36,7 @@ from qgraph.cli import add_calib_args, add_quant_args, config_from_args  # noqa:
 PROG = "export_ncnn.py"
 FP32_CHECK_IMAGES = 16
 FP32_TOLERANCE = 1e-4
+CIFAR10_SHAPE = (1, 3, 32, 32)
 
 
 def _shape(text: str) -> tuple:
@@ -76,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(quant_type="channel", input_signed=True, merge_bn=True, exclude_first_conv=False,
                         calib_mode="kl", num_sample=20)
     check = parser.add_argument_group("verification with the ncnn runtime")
-    check.add_argument("--data-dir", help="CIFAR-10 RecordIO folder: calibration images (class-balanced subset "
-                                          "of the training set) when --calib-data is not given, and the "
-                                          "test set for --verify (default: ../shared/data/cifar10 if present)")
+    check.add_argument("--data-dir", help="CIFAR-10 RecordIO folder (implies --input-shape 1,3,32,32 unless "
+                                          "given): calibration images (class-balanced subset of the training "
+                                          "set) when --calib-data is not given, and the test set for --verify "
+                                          "(default for 3-channel models: ../shared/data/cifar10 if present)")
     check.add_argument("--no-int8", action="store_true", help="write only the FP32 ncnn model")
     check.add_argument("--verify", action="store_true",
                        help="compare FP32 ncnn with MXNet, then int8 ncnn with the simulation on the test set")
@@ -140,13 +142,15 @@ def run(args) -> int:
     out = args.out or name
     ensure_writable_folder(out)
     graph = qgraph.load_files(symbol_path, params_path, input_names=[args.input_name])
-    graph.input_shapes = {args.input_name: args.input_shape} if args.input_shape else guess_input_shapes(graph)
-    shape = graph.input_shapes[args.input_name]
+    shape = args.input_shape or guess_input_shapes(graph)[args.input_name]
     data_dir = args.data_dir
-    if data_dir is None and tuple(shape[1:]) == (3, 32, 32):
+    if data_dir is None and shape[1] == 3 and not (args.calib_data and (args.verify_data or not args.verify)):
         from qgraph.data import default_cifar10_dir
 
         data_dir = default_cifar10_dir()
+    if data_dir is not None and not args.input_shape:
+        shape = CIFAR10_SHAPE
+    graph.input_shapes = {args.input_name: tuple(shape)}
     if args.verify and not args.no_int8 and data_dir is None and not args.verify_data:
         raise qgraph.ConfigError("--verify needs test images: --data-dir (CIFAR-10) or --verify-data")
     if not args.no_int8 and not args.calib_data and data_dir is None:
