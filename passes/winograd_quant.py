@@ -17,7 +17,7 @@ handled per group, everything else is skipped with the reason in the report. Two
   position and convolution group); a grouped Deconvolution applies A^T . A and the bias, and the
   result is cropped to the convolution's output. Q(V) and Q(U) are ordinary input and weight
   fake-quant subgraphs of the product node, so QuantizedNet switches them, emits online tile
-  thresholds for update_ema and calibrates the stored `<layer>_wino_tile_threshold` on the float
+  thresholds for update_ema and calibrates the stored `<layer>_wino_product_data_threshold` on the float
   tiles like any other input. Its float graph is the Winograd computation in float32, which differs
   from the direct convolution by rounding only.
 """
@@ -200,10 +200,10 @@ def _requantize(graph, layer, product, first, weight_spec, input_spec, threshold
     x_spec = dataclasses.replace(input_spec, layer=first, slot=0)
     tile_spec = FakeQuantSpec("input", product, 0, input_spec.bits, signed=True, online=input_spec.online,
                               stat=input_spec.stat)
-    if threshold is not None:
+    if threshold is not None:  # offline: stored thresholds, named as insert_fake_quant names them
         x_spec = dataclasses.replace(x_spec, threshold=graph.add_variable(
-            f"{layer}_data_threshold", threshold, attrs={FQ_TAG: x_spec.id}))
+            f"{first}_data_threshold", threshold, attrs={FQ_TAG: x_spec.id}))
         tile_spec = dataclasses.replace(tile_spec, threshold=graph.add_variable(
-            f"{layer}_wino_tile_threshold", np.zeros(1, np.float32), attrs={FQ_TAG: tile_spec.id}))
+            f"{product}_data_threshold", np.zeros(1, np.float32), attrs={FQ_TAG: tile_spec.id}))
     add_input_fake_quant(graph, x_spec)
     add_input_fake_quant(graph, tile_spec)
