@@ -23,7 +23,10 @@ import dataclasses
 import json
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from . import winograd
+from .analysis import is_non_negative
 from .attrs import get_tuple
 from .errors import GraphError
 from .graph import Graph, TensorRef
@@ -159,28 +162,60 @@ def online_threshold(build: _Builder, x: TensorRef) -> TensorRef:
     return build.op("BlockGrad", "threshold", [build.op("_maximum_scalar", "nonneg", [stat], scalar=0.0)])
 
 
-def add_input_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True) -> tuple[str, TensorRef | None]:
+def add_input_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True,
+                         threshold_value: float | None = None) -> tuple[str, TensorRef | None]:
     """layer[slot] <- x   becomes   layer[slot] <- Q(x). Returns (exit node, the online
-    threshold tensor or None when the threshold is the parameter `spec.threshold`)."""
+    threshold tensor or None when the threshold is the parameter `spec.threshold`).
+    With `threshold_value` (offline only) the threshold is baked into scalar operators:
+    same values, but no broadcast operators, whose backward reduces over the whole
+    activation and dominates a QAT step; such a graph cannot be re-calibrated."""
     build = _Builder(graph, spec)
     x = graph.inputs(spec.layer)[spec.slot]
+    if threshold_value is not None and not spec.online:
+        return _add_baked_input_fake_quant(build, x, threshold_value, ste), None
     if spec.online:
         threshold = online_threshold(build, x)
     else:
         if spec.threshold not in graph.params:
             raise GraphError(f"{spec.id}: threshold parameter '{spec.threshold}' has no value")
         threshold = TensorRef(spec.threshold)
-    if spec.signed:
-        lower = build.op("broadcast_maximum", "lower", [x, build.op("negative", "neg_threshold", [threshold])])
-    else:
-        lower = build.op("relu", "lower", [x])
-    clipped = build.op("broadcast_minimum", "clip", [lower, threshold])
     scale = build.scale(threshold)
-    integers = build.op("round", "round", [build.op("broadcast_div", "div", [clipped, scale])])
-    quantized = build.op("broadcast_mul", "dequant", [integers, scale])
-    exit_ref = build.finish(clipped, quantized, ste)
-    graph.set_input(spec.layer, spec.slot, exit_ref)
-    return _tag_exit(graph, exit_ref, spec), (threshold if spec.online else None)
+    step = TensorRef(f"{spec.id}_step")  # T / L before the MIN_SCALE floor: T = 0 gives exact zeros
+    integers = _integers(build, build.op("broadcast_div", "div", [x, scale]), x, ste)
+    quantized = build.op("broadcast_mul", "dequant", [integers, step])
+    graph.set_input(spec.layer, spec.slot, quantized)
+    return _tag_exit(graph, quantized, spec), (threshold if spec.online else None)
+
+
+# Adding then subtracting 1.5 * 2^23 rounds a float32 |v| < 2^22 to an integer (ties to even),
+# and both scalar additions have gradient 1: a straight-through round in two cheap passes,
+# where `_contrib_round_ste` costs about ten
+_ROUNDING_MAGIC = 12582912.0
+
+
+def _add_baked_input_fake_quant(build: _Builder, x: TensorRef, threshold: float, ste: bool) -> str:
+    spec = build.spec
+    step = np.float32(threshold) / np.float32(spec.levels)  # the graph form's float32 arithmetic
+    scale = float(np.maximum(step, np.float32(MIN_SCALE)))
+    integers = _integers(build, build.op("_div_scalar", "div", [x], scalar=scale), x, ste)
+    quantized = build.op("_mul_scalar", "dequant", [integers], scalar=float(step))
+    build.graph.set_input(spec.layer, spec.slot, quantized)
+    return _tag_exit(build.graph, quantized, spec)
+
+
+def _integers(build: _Builder, scaled: TensorRef, x: TensorRef, ste: bool) -> TensorRef:
+    """round(clip(x / s, lo, L)): equal to the contract's round(clip(x, lo*s, T) / s), in fewer
+    passes over the activation, which is what a QAT step spends its quantization time on."""
+    spec = build.spec
+    value = scaled
+    if spec.signed or not is_non_negative(build.graph, x):  # after a ReLU the lower clip is a no-op
+        value = build.op("_maximum_scalar", "lower", [value], scalar=float(-spec.levels if spec.signed else 0))
+    value = build.op("_minimum_scalar", "clip", [value], scalar=float(spec.levels))  # `clip` is 4x slower
+    if not ste:
+        return build.op("round", "round", [value])
+    # training form: ties round to even here, half away from zero in the evaluation form
+    shifted = build.op("_plus_scalar", "shift", [value], scalar=_ROUNDING_MAGIC)
+    return build.op("_minus_scalar", "round", [shifted], scalar=_ROUNDING_MAGIC)
 
 
 def fake_quant_specs(graph: Graph) -> list[FakeQuantSpec]:

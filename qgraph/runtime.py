@@ -93,20 +93,23 @@ class QuantizedNet(mx.gluon.SymbolBlock):
         return self._shared if select is None else super().collect_params(select)
 
     # ------------------------------------------------------------------ emissions
-    def emit(self, weights: bool, inputs: bool, online: bool, ste: bool = True, sign_probe: bool = False) -> Graph:
+    def emit(self, weights: bool, inputs: bool, online: bool, ste: bool = True, sign_probe: bool = False,
+             baked: tuple | None = None) -> Graph:
         """The float graph with the requested fake-quant subgraphs. Online emissions add each
         input's batch threshold as an extra output (for update_ema), and with `sign_probe`
-        each unsigned input's batch minimum after those."""
+        each unsigned input's batch minimum after those. Offline emissions given `baked`
+        (one threshold per input spec) use those values as constants."""
         graph = self.float_graph.copy()
         for spec in self.weight_specs if weights else ():
             add_weight_fake_quant(graph, spec, ste=ste)
         stats, minima = [], []
-        for spec in self.input_specs if inputs else ():
+        for index, spec in enumerate(self.input_specs if inputs else ()):
             spec = dataclasses.replace(spec, online=online, threshold=_threshold_name(spec))
             if sign_probe and not spec.signed:
                 minima.append(TensorRef(graph.add_node("min", f"{spec.id}_probe_min", [graph.inputs(spec.layer)[0]],
                                                        {FQ_TAG: spec.id})))
-            _, stat = add_input_fake_quant(graph, spec, ste=ste)
+            value = None if online or baked is None else baked[index]
+            _, stat = add_input_fake_quant(graph, spec, ste=ste, threshold_value=value)
             if online:
                 stats.append(stat)
         graph.outputs = graph.outputs + stats + minima
@@ -114,9 +117,18 @@ class QuantizedNet(mx.gluon.SymbolBlock):
 
     def _emission(self, key) -> _Emission:
         if key not in self._emissions:
+            if key[-1] is not None:  # thresholds changed since the last baked emission of this mode
+                for stale in [k for k in self._emissions if k[:-1] == key[:-1]]:
+                    del self._emissions[stale]
             graph = self.emit(*key)
             self._emissions[key] = _Emission(symbol_block(graph, self._shared))
         return self._emissions[key]
+
+    def _baked_thresholds(self) -> tuple:
+        """Offline thresholds as constants: a forward reads them once (20-odd scalars), and a
+        changed value (calibrate, set_thresholds, update_ema, a Trainer) selects a new emission."""
+        values = mx.nd.concat(*[self._shared[_threshold_name(s)].data() for s in self.input_specs], dim=0)
+        return tuple(float(v) for v in values.asnumpy())
 
     def forward(self, x, *args):
         from mxnet import autograd
@@ -124,7 +136,8 @@ class QuantizedNet(mx.gluon.SymbolBlock):
         inputs_on = self.inputs_on and bool(self.input_specs)
         online = inputs_on and self.online
         probe = online and not self._checked_signs and any(not s.signed for s in self.input_specs)
-        key = (self.weights_on and bool(self.weight_specs), inputs_on, online, autograd.is_recording(), probe)
+        baked = self._baked_thresholds() if inputs_on and not online else None
+        key = (self.weights_on and bool(self.weight_specs), inputs_on, online, autograd.is_recording(), probe, baked)
         outputs = self._emission(key).block(x, *args)
         outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
         n_model, n_stats = len(self.float_graph.outputs), len(self.input_specs)
