@@ -37,6 +37,7 @@ PROG = "export_ncnn.py"
 FP32_CHECK_IMAGES = 16
 FP32_TOLERANCE = 1e-4
 CIFAR10_SHAPE = (1, 3, 32, 32)
+CIFAR10_PER_CLASS = 20  # calibration images per class drawn from the CIFAR-10 training set
 
 
 def _shape(text: str) -> tuple:
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "one scale per layer). BatchNorm is always folded.")
     add_calib_args(parser)
     parser.set_defaults(quant_type="channel", input_signed=True, merge_bn=True, exclude_first_conv=False,
-                        calib_mode="kl", num_sample=20)
+                        calib_mode="entropy")
     check = parser.add_argument_group("verification with the ncnn runtime")
     check.add_argument("--data-dir", help="CIFAR-10 RecordIO folder (implies --input-shape 1,3,32,32 unless "
                                           "given): calibration images (class-balanced subset of the training "
@@ -196,7 +197,7 @@ def calibration_images(args, shape, data_dir):
         return images
     # the training .rec is shuffled, so its first 5,000 images hold every class
     images, labels = cifar10_arrays(data_dir, "train", limit=5000)
-    keep = class_balanced_subset(labels, args.num_sample, args.fixed_random_seed)
+    keep = class_balanced_subset(labels, args.num_sample or CIFAR10_PER_CLASS, args.fixed_random_seed)
     return np.ascontiguousarray(images[keep])
 
 
