@@ -8,7 +8,7 @@ Every flag of the seed's examples/simulate_quantization.py is accepted with the 
 meaning and default. Inputs are quantized with each batch's maximum (online) unless
 --quantize-input-offline or --calib-mode asks for thresholds calibrated on
 --num-sample images per class of the training split. Evaluation runs on the whole test
-split (--num-eval keeps the first N images).
+split (--num-eval N keeps N images spread evenly over it).
 
 --grid runs the seed's results table in one go and prints it as markdown: `int8`
 (input uint8/int8, offline none/naive/KL, weights per layer/channel, BN merged or not,
@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--symbol", metavar="FILE-symbol.json", help="load an exported model instead of a zoo name")
     model.add_argument("--params", metavar="FILE",
                        help="weights: an exported checkpoint (arg:/aux: keys) or a save_parameters file "
-                            "(default: beside --symbol, or models/NAME-0000.params for a shipped --model)")
+                            "(default: beside --symbol; for --model, models/NAME_DATASET or models/NAME when qgraph "
+                            "ships it)")
     model.add_argument("--pretrained", action="store_true",
                        help="download the model zoo's pretrained weights (needs network access)")
     model.add_argument("--print-model", action="store_true", help="print the architecture of the model")
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=128,
                      help="evaluation (and calibration) batch size (default: 128)")
     run.add_argument("--num-eval", type=int, default=None, metavar="N",
-                     help="evaluate on the first N test images only (default: the whole test split)")
+                     help="evaluate on N test images spread evenly over the split (default: the whole split)")
     run.add_argument("--disable-cudnn-autotune", action="store_true",
                      help="disable MXNet's cuDNN autotune for convolution algorithms")
     add_quant_args(parser)
@@ -207,15 +208,16 @@ def load_model(args, dataset: str):
     if args.model not in names:
         raise qgraph.ConfigError(f"--model {args.model}: not a model-zoo name (see --list-models); "
                                  "for an exported model use --symbol")
-    shipped = ROOT / "models" / args.model
     if args.params or args.pretrained:
         block = _build_zoo(args, dataset, pretrained=args.pretrained)
         graph = (_graph_with_params(block, args.params, shape) if args.params
                  else qgraph.load(block, input_shape=shape))
         return graph, block
-    if Path(f"{shipped}-symbol.json").is_file():
-        log.info("weights: %s-0000.params (shipped with qgraph)", shipped.relative_to(ROOT))
-        return qgraph.load_files(f"{shipped}-symbol.json", f"{shipped}-0000.params", input_shapes={"data": shape}), None
+    for shipped in (ROOT / "models" / f"{args.model}_{dataset}", ROOT / "models" / args.model):
+        if Path(f"{shipped}-symbol.json").is_file():
+            log.info("weights: %s-0000.params (shipped with qgraph)", shipped.relative_to(ROOT))
+            return (qgraph.load_files(f"{shipped}-symbol.json", f"{shipped}-0000.params", input_shapes={"data": shape}),
+                    None)
     raise qgraph.ConfigError(f"--model {args.model}: no weights; pass --params FILE (exported checkpoint or "
                              "save_parameters file), --symbol FILE-symbol.json, or --pretrained (needs network "
                              "access)")
@@ -288,34 +290,49 @@ def _mnist():
     return mnist_split()
 
 
+def spread(total: int, count: int):
+    """`count` indices spread evenly over `total` (test splits are often sorted by class, so the
+    first `count` images would be one class)."""
+    import numpy as np
+
+    return np.arange(count) * total // count if count < total else np.arange(total)
+
+
 def load_eval_set(args, dataset: str) -> EvalSet:
     import numpy as np
+
+    from qgraph import ConfigError
 
     limit = args.num_eval
     if dataset == "mnist":
         _, (images, labels) = _mnist()
-        images, labels = images[:limit], labels[:limit]
-        return EvalSet(dataset, images, labels, size=len(labels))
+        keep = spread(len(labels), limit) if limit else slice(None)
+        return EvalSet(dataset, images[keep], labels[keep], size=len(labels[keep]))
     path = _rec(_data_dir(args, dataset), dataset, "test")
+    index = path.with_suffix(".idx")
+    size = sum(1 for _ in open(index)) if index.is_file() else None
+    if limit and size is None:
+        raise ConfigError(f"--num-eval: {index} is missing, so the subset cannot be spread over the split")
+    wanted = set(spread(size, limit).tolist()) if limit else None
 
     def stream(batch_size):
-        seen = 0
+        position = 0
         for batch in _record_iter(path, dataset, batch_size, args.num_workers):
-            keep = batch.data[0].shape[0] - batch.pad
-            if limit is not None:
-                keep = min(keep, limit - seen)
-            yield batch.data[0].asnumpy()[:keep], batch.label[0].asnumpy()[:keep].astype(np.int64)
-            seen += keep
-            if limit is not None and seen >= limit:
-                return
+            count = batch.data[0].shape[0] - batch.pad
+            images = batch.data[0].asnumpy()[:count]
+            labels = batch.label[0].asnumpy()[:count].astype(np.int64)
+            if wanted is not None:
+                mask = np.array([position + i in wanted for i in range(count)], bool)
+                images, labels = images[mask], labels[mask]
+            position += count
+            if len(labels):
+                yield images, labels
 
     if dataset == "cifar10":  # 10,000 small images: decode once, reuse for every row of a grid
         parts = list(stream(500))
         images, labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         return EvalSet(dataset, images, labels, size=len(labels))
-    index = path.with_suffix(".idx")
-    size = sum(1 for _ in open(index)) if index.is_file() else 0
-    return EvalSet(dataset, stream=stream, size=min(size, limit) if limit else size)
+    return EvalSet(dataset, stream=stream, size=len(wanted) if wanted is not None else (size or 0))
 
 
 def record_labels(path: Path):

@@ -131,7 +131,9 @@ def test_online_run_by_model_name_uses_the_shipped_weights(mnist, capsys):
     assert rc == 0
     _, (test_x, test_y) = mnist
     net = qgraph.quantize(str(MODEL), qgraph.QuantConfig(weight_bits=4))
-    expected = top1(net, test_x[:300], test_y[:300], batch_size=128)
+    keep = np.arange(300) * 1000 // 300  # spread over the split, which is sorted by class
+    assert len(set(test_y[keep])) == 10
+    expected = top1(net, test_x[keep], test_y[keep], batch_size=128)
     assert "result: 300 images" in out and f"acc     : {100 * expected:.2f}%" in out
 
 
@@ -165,7 +167,8 @@ def test_params_file_for_a_zoo_name_in_both_formats(mnist, tmp_path, capsys):
     rc, out_saved, _ = _run(common + ["--params", tmp_path / "saved.params"], capsys)
     assert rc == 0
     assert out_saved == out_exported
-    expected = top1(qgraph.load(str(MODEL)).to_block(), test_x[:200], test_y[:200])
+    keep = np.arange(200) * 1000 // 200
+    expected = top1(qgraph.load(str(MODEL)).to_block(), test_x[keep], test_y[keep])
     assert f"acc     : {100 * expected:.2f}%" in out_exported  # 16-bit weights, float inputs: the float figure
     (tmp_path / "bad.params").write_bytes(b"\x00garbage" * 10)
     rc, _, err = _run(common + ["--params", tmp_path / "bad.params"], capsys)
@@ -201,7 +204,8 @@ def test_int8_grid_prints_the_seed_table_and_reports_it(mnist, tmp_path, capsys)
     assert data["grid"] == "int8" and data["fp32"]["images"] == 100 and len(data["rows"]) == 18
     assert [f"{100 * r['top1']:.2f}%" for r in data["rows"]] == [row[6] for row in body[1:]]
     _, (test_x, test_y) = mnist
-    fp32 = top1(qgraph.load(str(MODEL)).to_block(), test_x[:100], test_y[:100])
+    keep = np.arange(100) * 1000 // 100
+    fp32 = top1(qgraph.load(str(MODEL)).to_block(), test_x[keep], test_y[keep])
     assert data["fp32"]["top1"] == pytest.approx(fp32)
     # a row evaluated on its own gives the grid's figure (the grid shares nets between rows)
     row = next(r for r in data["rows"] if r["offline"] == "kl" and r["merge_bn"] and r["quant_type"] == "channel")
@@ -220,6 +224,21 @@ def test_lowbit_grid_has_naive_and_kl_columns(capsys):
     assert [row[:2] for row in table[2:]] == [["float32", "float32"], ["uint6", "int6"], ["uint5", "int5"],
                                                ["uint4", "int4"], ["uint3", "int3"]]
     assert all(row[2:5] == ["channel", "√", "√"] for row in table[3:])
+
+
+def test_num_eval_spreads_over_a_class_sorted_cifar10_split():
+    from qgraph.data import default_cifar10_dir
+
+    folder = default_cifar10_dir()
+    if folder is None:
+        pytest.skip("CIFAR-10 RecordIO not found in ../shared/data/cifar10")
+    args = sq.build_parser().parse_args(["--model", "x", "--num-eval", "40"])
+    evalset = sq.load_eval_set(args, "cifar10")
+    path = folder / "cifar10_test.rec"
+    keep = np.arange(40) * 10000 // 40
+    assert np.bincount(evalset.labels, minlength=10).tolist() == [4] * 10
+    np.testing.assert_array_equal(evalset.labels, sq.record_labels(path)[keep])
+    np.testing.assert_allclose(evalset.images[-3:], sq.read_records(path, keep[-3:], "cifar10"), atol=1e-5)
 
 
 def test_cifar10_calibration_records_are_the_evaluation_preprocessing():
