@@ -30,7 +30,7 @@ import numpy as np
 from qgraph import attrs as A
 from qgraph import winograd
 from qgraph.config import QuantConfig
-from qgraph.errors import ConfigError, GraphError
+from qgraph.errors import ConfigError
 from qgraph.graph import Graph, TensorRef
 from qgraph.pass_manager import PassContext
 from qgraph.quantizer import (EXCLUDE_TAG, FQ_TAG, QUANTIZABLE_OPS, SPEC_TAG, FakeQuantSpec, add_input_fake_quant,
@@ -150,7 +150,7 @@ def _rewrite_full(graph: Graph, layer: str, weight_spec: FakeQuantSpec, input_sp
     c_out, c_in_g = w_shape[0], w_shape[1]
     c_in = c_in_g * groups
     m, n = winograd.output_size(tile), winograd.input_size(tile)
-    G, BT, AT = winograd.matrices(tile)
+    _, BT, AT = winograd.matrices(tile)
     pad_h, pad_w = (tuple(A.get_tuple(attrs, "pad", (0, 0), layer)) or (0, 0))
     s = _Structure(graph, layer)
 
@@ -183,11 +183,11 @@ def _rewrite_full(graph: Graph, layer: str, weight_spec: FakeQuantSpec, input_sp
     output = s.op("slice_like", "out", [out_tiles, reference], axes=(2, 3))
     graph.replace_node(layer, output.node)
 
-    _requantize(graph, layer, product.node, padded.node, weight_spec, input_spec, threshold, (n, c_out, groups, c_in_g))
+    _requantize(graph, product.node, padded.node, weight_spec, input_spec, threshold, (n, c_out, groups, c_in_g))
     return product.node
 
 
-def _requantize(graph, layer, product, first, weight_spec, input_spec, threshold, dims) -> None:
+def _requantize(graph, product, first, weight_spec, input_spec, threshold, dims) -> None:
     """Q(x) where the layer read x (the padding), Q(U) and Q(V) at the product."""
     n, c_out, groups, c_in_g = dims
     reshape, axes = {"layer": ((1, -1), (1,)), "group": ((n * n, groups, -1), (0, 2)),
