@@ -170,7 +170,7 @@ def run(args) -> int:
         images = calibration_images(args, shape, data_dir)
         net.calibrate(images, args.calib_mode, calib_epoch=args.calib_epoch, batch_size=args.calib_batch_size,
                       percentile=args.percentile, progress=not args.quiet)
-        text = deploy.calibration_table(folded, net.thresholds()).format()
+        text = deploy.calibration_table(folded, net.thresholds(), config.quant_type).format()
         # ncnn2int8 reads the scales back from the printed table, so the int8 model does too
         table = deploy.Table.parse(text)
         int8 = deploy.to_ncnn(folded, shape, table)

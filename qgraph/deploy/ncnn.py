@@ -160,10 +160,13 @@ def weight_scales(weight: np.ndarray, groups: int) -> np.ndarray:
         return np.where(absmax > 0, np.float32(INT8_MAX) / absmax, 0).astype(np.float32)
 
 
-def calibration_table(graph: Graph, thresholds: dict) -> Table:
+def calibration_table(graph: Graph, thresholds: dict, granularity: str = "channel") -> Table:
     """The ncnn table for the layers in `thresholds` (layer -> input threshold, as
     QuantizedNet.thresholds() returns them): weight scales per output channel (per group for
-    grouped convolutions) and input scale 127 / threshold."""
+    grouped convolutions), or with granularity 'layer' one scale repeated for every channel;
+    input scale 127 / threshold."""
+    if granularity not in ("channel", "layer"):
+        raise ConfigError(f"granularity {granularity!r}: ncnn tables hold per-channel or per-layer weight scales")
     weights, inputs = {}, {}
     for layer, threshold in thresholds.items():
         if layer not in graph or graph.op(layer) not in ("Convolution", "FullyConnected"):
@@ -175,7 +178,8 @@ def calibration_table(graph: Graph, thresholds: dict) -> Table:
             raise GraphError(f"'{layer}': input threshold {threshold} must be positive and finite")
         weight = _param(graph, layer, 1)
         groups = _ncnn_groups(graph, layer, weight)
-        weights[layer] = weight_scales(weight, groups)
+        scales = weight_scales(weight, groups if granularity == "channel" else 1)
+        weights[layer] = np.repeat(scales, groups // len(scales))
         inputs[layer] = INT8_MAX / threshold
     return Table(weights, inputs)
 

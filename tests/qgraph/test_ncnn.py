@@ -213,3 +213,11 @@ def test_int8_cifar_resnet20_agrees_with_simulation(tmp_path):
     ours, sim, _ = int8_vs_simulation(graph, net, images, tmp_path)
     assert (ours.argmax(1) == sim.argmax(1)).mean() >= 0.99
     assert abs((ours.argmax(1) == labels).mean() - (sim.argmax(1) == labels).mean()) <= 0.01
+
+
+def test_layer_granularity_repeats_one_scale():
+    graph = folded("mnist_cnn")
+    table = deploy.calibration_table(graph, {"mnistcnn_conv2_fwd": 1.0}, granularity="layer")
+    weight = graph.params[graph.inputs("mnistcnn_conv2_fwd")[1].node]
+    np.testing.assert_allclose(table.weights["mnistcnn_conv2_fwd"], np.full(32, 127.0 / np.abs(weight).max()),
+                               rtol=1e-6)
