@@ -277,7 +277,7 @@ def _record_iter(path: Path, dataset: str, batch_size: int, threads: int):
     mean, std = _norm(dataset)
     extra = dict(resize=256) if dataset == "imagenet" else {}
     return mx.io.ImageRecordIter(path_imgrec=str(path), data_shape=INPUT_SHAPES[dataset][1:], batch_size=batch_size,
-                                 preprocess_threads=max(1, threads), round_batch=False,
+                                 preprocess_threads=max(1, threads), round_batch=True,  # False: garbage, pad 0
                                  **{f"mean_{c}": 255 * m for c, m in zip("rgb", mean)},
                                  **{f"std_{c}": 255 * s for c, s in zip("rgb", std)}, **extra)
 
@@ -372,7 +372,7 @@ def read_records(path: Path, indices, dataset: str):
                 _, raw = mx.recordio.unpack(item)
                 image = mx.image.imdecode(raw)
                 if dataset == "imagenet":
-                    image = mx.image.center_crop(mx.image.resize_short(image, 256), (224, 224))[0]
+                    image = mx.image.center_crop(mx.image.resize_short(image, 256, interp=1), (224, 224))[0]
                 images.append(image.asnumpy().transpose(2, 0, 1))
             position += 1
     finally:

@@ -253,3 +253,50 @@ def test_cifar10_calibration_records_are_the_evaluation_preprocessing():
     decoded = sq.read_records(path, [0, 3, 19], "cifar10")
     np.testing.assert_allclose(decoded, images[[0, 3, 19]], atol=1e-5)
     assert np.array_equal(sq.record_labels(path)[:20], labels)
+
+
+@pytest.fixture(scope="module")
+def imagenet_like(tmp_path_factory):
+    """train.rec/val.rec of 12 JPEGs each (3 classes, odd sizes) and a tiny 224x224 1000-class model."""
+    from mxnet.gluon import nn
+
+    from qgraph.io import export_block
+
+    folder = tmp_path_factory.mktemp("imagenet")
+    rng = np.random.RandomState(0)
+    for split in ("train", "val"):
+        writer = mx.recordio.MXIndexedRecordIO(str(folder / f"{split}.idx"), str(folder / f"{split}.rec"), "w")
+        for i in range(12):
+            image = rng.randint(0, 256, (rng.randint(230, 300), rng.randint(230, 320), 3)).astype(np.uint8)
+            writer.write_idx(i, mx.recordio.pack_img(mx.recordio.IRHeader(0, float(i % 3), i, 0), image,
+                                                     quality=95, img_fmt=".jpg"))
+        writer.close()
+    net = nn.HybridSequential()
+    net.add(nn.Conv2D(4, 7, strides=8), nn.Activation("relu"), nn.Conv2D(8, 3), nn.Activation("relu"),
+            nn.GlobalAvgPool2D(), nn.Dense(1000))
+    mx.random.seed(0)
+    net.initialize(mx.init.Xavier())
+    net.hybridize()
+    net(mx.nd.zeros((1, 3, 224, 224)))
+    export_block(net, folder / "tiny")
+    return folder
+
+
+def test_imagenet_recordio_path_matches_a_hand_computation(imagenet_like, capsys):
+    """Resize 256 + centre crop 224 through RecordIO, a partial last batch, class-balanced calibration."""
+    rc, out, _ = _run(["--symbol", imagenet_like / "tiny-symbol.json", "--dataset", "imagenet", "--data-dir",
+                       imagenet_like, "--calib-mode", "kl", "--num-sample", "2", "--batch-size", "5",
+                       "--quant-type", "channel", "-q"], capsys)
+    assert rc == 0 and "result: 12 images" in out
+    train, val = imagenet_like / "train.rec", imagenet_like / "val.rec"
+    keep = class_balanced_subset(sq.record_labels(train), 2, seed=7)
+    net = qgraph.quantize(str(imagenet_like / "tiny"), qgraph.QuantConfig(quant_type="channel", online=False))
+    net.calibrate(sq.read_records(train, keep, "imagenet"), "kl", progress=False)
+    images, labels = sq.read_records(val, range(12), "imagenet"), sq.record_labels(val)
+    assert labels.tolist() == [0, 1, 2] * 4
+    expected = top1(net, images, labels, batch_size=5)
+    assert f"acc     : {100 * expected:.2f}%" in out
+    evalset = sq.load_eval_set(sq.build_parser().parse_args(["--model", "x", "--data-dir", str(imagenet_like)]),
+                               "imagenet")
+    streamed = np.concatenate([x for x, _ in evalset.batches(5)])
+    np.testing.assert_allclose(streamed, images, atol=1e-5)
