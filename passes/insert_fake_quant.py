@@ -19,7 +19,7 @@ from qgraph.errors import GraphError
 from qgraph.graph import Graph
 from qgraph.pass_manager import PassContext
 from qgraph.quantizer import (EXCLUDE_TAG, FQ_TAG, QUANTIZABLE_OPS, FakeQuantSpec, add_input_fake_quant,
-                              add_weight_fake_quant)
+                              add_weight_fake_quant, weight_param)
 
 
 class InsertFakeQuant:
@@ -47,7 +47,7 @@ class InsertFakeQuant:
 
 def _weight_grouping(graph: Graph, layer: str, config: QuantConfig) -> tuple[tuple, tuple]:
     """(reshape, reduced axes) that give one scale per layer, group or output channel."""
-    weight = graph.inputs(layer)[1].node
+    weight = weight_param(graph, layer)
     if not graph.is_param(weight):
         raise GraphError(f"weight of '{layer}' ('{weight}') is not a stored parameter; cannot size its scales")
     shape = graph.params[weight].shape
@@ -66,7 +66,7 @@ def _weight_grouping(graph: Graph, layer: str, config: QuantConfig) -> tuple[tup
 def _insert_weight(graph: Graph, layer: str, config: QuantConfig) -> str:
     reshape, axes = _weight_grouping(graph, layer, config)
     spec = FakeQuantSpec("weight", layer, 1, config.weight_bits, signed=True, granularity=config.quant_type,
-                         reshape=reshape, axes=axes, shape=tuple(graph.params[graph.inputs(layer)[1].node].shape))
+                         reshape=reshape, axes=axes, shape=tuple(graph.params[weight_param(graph, layer)].shape))
     add_weight_fake_quant(graph, spec)
     return f"weight int{config.weight_bits} per {config.quant_type}"
 

@@ -25,7 +25,8 @@ class QuantConfig:
     seed's mean of per-sample maxima, which clips the larger samples). winograd: 'none' or
     the tile F23/F43/F63 in which 3x3 stride-1 convolutions are quantized; winograd_mode:
     'weight' (the seed: weights quantized in the Winograd domain, then a direct convolution)
-    or 'full' (the Winograd kernel itself, input tiles quantized too).
+    or 'full' (the Winograd kernel itself, input tiles quantized too). fake_bn: for QAT,
+    quantize convolution weights folded with their BatchNorm (passes/fake_bn.py).
     """
 
     weight_bits: int = 8
@@ -42,6 +43,7 @@ class QuantConfig:
     exclude_ops: tuple = ()      # operator types, e.g. ("FullyConnected",)
     winograd: str = "none"
     winograd_mode: str = "weight"
+    fake_bn: bool = False
 
     def __post_init__(self):
         for name in ("weight_bits", "input_bits"):
@@ -59,7 +61,7 @@ class QuantConfig:
         if self.winograd_mode not in WINOGRAD_MODES:
             raise ConfigError(f"QuantConfig.winograd_mode={self.winograd_mode!r}: must be one of "
                               f"{', '.join(WINOGRAD_MODES)}")
-        for name in ("quantize_input", "online", "merge_bn", "exclude_first_conv", "exclude_last_fc"):
+        for name in ("quantize_input", "online", "merge_bn", "exclude_first_conv", "exclude_last_fc", "fake_bn"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"QuantConfig.{name}={getattr(self, name)!r}: must be True or False")
         for name in ("exclude", "exclude_ops"):

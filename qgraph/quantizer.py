@@ -34,6 +34,7 @@ from .graph import Graph, TensorRef
 FQ_TAG = "__qgraph_fq__"
 SPEC_TAG = "__qgraph_spec__"
 EXCLUDE_TAG = "__qgraph_exclude__"
+FAKE_BN_TAG = "__qgraph_fake_bn__"  # nodes of passes/fake_bn.py; value: the BatchNorm folded
 QUANTIZABLE_OPS = ("Convolution", "Deconvolution", "FullyConnected")
 MIN_SCALE = 1e-30
 
@@ -120,7 +121,8 @@ def _tag_exit(graph: Graph, exit_ref: TensorRef, spec: FakeQuantSpec) -> str:
 def add_weight_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True) -> str:
     """layer[slot] <- W   becomes   layer[slot] <- Q(W). Returns the exit node."""
     build = _Builder(graph, spec)
-    weight = graph.inputs(spec.layer)[spec.slot]
+    target, slot = _weight_slot(graph, spec)
+    weight = graph.inputs(target)[slot]
     if not spec.shape:
         if not graph.is_param(weight.node):
             raise GraphError(f"{spec.id}: spec.shape is empty and '{weight.node}' has no stored value to size it")
@@ -142,8 +144,25 @@ def add_weight_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True) -
     # Reshape to the stored shape: reshape_like fails MXNet's partial shape inference here
     quantized = build.op("Reshape", "dequant", [dequantized], shape=spec.shape)
     exit_ref = build.finish(weight, quantized, ste)
-    graph.set_input(spec.layer, spec.slot, exit_ref)
+    graph.set_input(target, slot, exit_ref)
     return _tag_exit(graph, exit_ref, spec)
+
+
+def _weight_slot(graph: Graph, spec: FakeQuantSpec) -> tuple[str, int]:
+    """Where a weight quantizer reads: the layer's weight slot, or, for a fake-BN layer
+    (passes/fake_bn.py), the folded weight W * s before it is unfolded."""
+    ref = graph.inputs(spec.layer)[spec.slot]
+    if spec.kind == "weight" and graph.attrs(ref.node).get(FAKE_BN_TAG) and graph.op(ref.node) == "broadcast_div":
+        return ref.node, 0
+    return spec.layer, spec.slot
+
+
+def weight_param(graph: Graph, layer: str) -> str:
+    """The stored weight of a layer, looking through a fake-BN fold."""
+    ref = graph.inputs(layer)[1]
+    while graph.attrs(ref.node).get(FAKE_BN_TAG):
+        ref = graph.inputs(ref.node)[0]
+    return ref.node
 
 
 def online_threshold(build: _Builder, x: TensorRef) -> TensorRef:

@@ -81,6 +81,7 @@ class QuantizedNet(mx.gluon.SymbolBlock):
         self.weights_on = bool(self.weight_specs)
         self.inputs_on = bool(input_specs)
         self.online = any(s.online for s in input_specs)
+        self.bn_frozen = False  # QAT: BatchNorm uses running statistics in training too
         self.report = None
         self._shared = shared
         self._seen_threshold = {_threshold_name(s): not s.online for s in input_specs}
@@ -94,12 +95,14 @@ class QuantizedNet(mx.gluon.SymbolBlock):
 
     # ------------------------------------------------------------------ emissions
     def emit(self, weights: bool, inputs: bool, online: bool, ste: bool = True, sign_probe: bool = False,
-             baked: tuple | None = None) -> Graph:
+             baked: tuple | None = None, bn_frozen: bool = False) -> Graph:
         """The float graph with the requested fake-quant subgraphs. Online emissions add each
         input's batch threshold as an extra output (for update_ema), and with `sign_probe`
         each unsigned input's batch minimum after those. Offline emissions given `baked`
         (one threshold per input spec) use those values as constants."""
         graph = self.float_graph.copy()
+        for bn in graph.nodes("BatchNorm") if bn_frozen else ():
+            graph.set_attr(bn, "use_global_stats", True)
         for spec in self.weight_specs if weights else ():
             add_weight_fake_quant(graph, spec, ste=ste)
         stats, minima = [], []
@@ -117,8 +120,8 @@ class QuantizedNet(mx.gluon.SymbolBlock):
 
     def _emission(self, key) -> _Emission:
         if key not in self._emissions:
-            if key[-1] is not None:  # thresholds changed since the last baked emission of this mode
-                for stale in [k for k in self._emissions if k[:-1] == key[:-1]]:
+            if key[5] is not None:  # thresholds changed since the last baked emission of this mode
+                for stale in [k for k in self._emissions if k[:5] + k[6:] == key[:5] + key[6:]]:
                     del self._emissions[stale]
             graph = self.emit(*key)
             self._emissions[key] = _Emission(symbol_block(graph, self._shared))
@@ -137,7 +140,8 @@ class QuantizedNet(mx.gluon.SymbolBlock):
         online = inputs_on and self.online
         probe = online and not self._checked_signs and any(not s.signed for s in self.input_specs)
         baked = self._baked_thresholds() if inputs_on and not online else None
-        key = (self.weights_on and bool(self.weight_specs), inputs_on, online, autograd.is_recording(), probe, baked)
+        key = (self.weights_on and bool(self.weight_specs), inputs_on, online, autograd.is_recording(), probe, baked,
+               self.bn_frozen)
         outputs = self._emission(key).block(x, *args)
         outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
         n_model, n_stats = len(self.float_graph.outputs), len(self.input_specs)
@@ -162,6 +166,11 @@ class QuantizedNet(mx.gluon.SymbolBlock):
 
     def disable_quantize(self) -> None:
         self.weights_on, self.inputs_on = False, False
+
+    def freeze_bn(self, frozen: bool = True) -> None:
+        """QAT: normalise with the running statistics in training too and stop updating them
+        (Jacob et al.'s BN freeze); the weights then see the same fold as in inference."""
+        self.bn_frozen = frozen
 
     def quantize_input(self, enable: bool = True, online: bool = True) -> None:
         """Switch input quantization on or off, with batch (online) or stored (offline) thresholds."""
@@ -220,18 +229,80 @@ class QuantizedNet(mx.gluon.SymbolBlock):
         graph.params = {n: self._shared[n].data().asnumpy() for n in graph.params}
         return graph
 
-    def export(self, prefix) -> tuple:
+    def export(self, prefix, fix_params: bool = False) -> tuple:
         """Save the current mode as PREFIX-symbol.json + PREFIX-0000.params (stock MXNet ops;
-        `SymbolBlock.imports` loads it, `QuantizedNet.load` brings it back as a QuantizedNet)."""
+        `SymbolBlock.imports` loads it, `QuantizedNet.load` brings it back as a QuantizedNet).
+        With `fix_params`, save `fixed_graph()` instead: the deployable form."""
         from .io import save
 
-        return save(self.current_graph(), prefix)
+        return save(self.fixed_graph() if fix_params else self.current_graph(), prefix)
+
+    def fixed_graph(self) -> Graph:
+        """The deployable graph: fake-BN layers folded into weight and bias, every quantized
+        weight replaced by its quantized value (integers times scale, computed by the same
+        MXNet operators as the simulation), input quantizers kept in evaluation form."""
+        from .quantizer import FAKE_BN_TAG, weight_param
+
+        graph = self.float_graph.copy()
+        graph.params = {n: self._shared[n].data().asnumpy() for n in graph.params}
+        for spec in self.weight_specs:
+            if getattr(spec, "winograd", ""):
+                raise ConfigError(f"{spec.layer}: fixing Winograd-domain weights is not supported")
+            weight = mx.nd.array(graph.params[weight_param(graph, spec.layer)])
+            bn = graph.attrs(graph.inputs(spec.layer)[1].node).get(FAKE_BN_TAG)
+            if bn:
+                scale = _fake_bn_scale(graph, bn)
+                weight = mx.nd.broadcast_mul(weight, scale.reshape((-1,) + (1,) * (weight.ndim - 1)))
+                _fold_bias(graph, spec.layer, bn, scale)
+            fixed = graph.add_variable(f"{spec.layer}_weight_fixed", _quantize_weight(weight, spec).asnumpy())
+            graph.set_input(spec.layer, 1, fixed)
+        if self.inputs_on:
+            online = self.online
+            for spec in self.input_specs:
+                spec = dataclasses.replace(spec, online=online, threshold=_threshold_name(spec))
+                add_input_fake_quant(graph, spec, ste=False)
+        return graph.cleanup()
 
     @classmethod
     def load(cls, prefix, ctx=None, input_names=("data",)) -> "QuantizedNet":
         from .io import load
 
         return cls(load(prefix, input_names=input_names), ctx=ctx)
+
+
+def _fake_bn_scale(graph: Graph, bn: str) -> mx.nd.NDArray:
+    """gamma / sqrt(running_var + eps) by the operators passes/fake_bn.py uses."""
+    from .attrs import get_bool, get_float
+
+    gamma, _, _, running_var = (mx.nd.array(graph.params[r.node]) for r in graph.inputs(bn)[1:5])
+    scale = mx.nd.rsqrt(running_var + get_float(graph.attrs(bn), "eps", 1e-3, bn))
+    return scale if get_bool(graph.attrs(bn), "fix_gamma", True, bn) else gamma * scale
+
+
+def _fold_bias(graph: Graph, layer: str, bn: str, scale) -> None:
+    """layer -> bn  becomes  layer with bias beta + (b - running_mean) * scale."""
+    from .attrs import get_bool
+
+    _, beta, running_mean, _ = (mx.nd.array(graph.params[r.node]) for r in graph.inputs(bn)[1:5])
+    has_bias = not get_bool(graph.attrs(layer), "no_bias", False, layer)
+    bias = mx.nd.array(graph.params[graph.inputs(layer)[2].node]) if has_bias else mx.nd.zeros_like(beta)
+    folded = graph.add_variable(f"{layer}_bias_fixed", (beta + (bias - running_mean) * scale).asnumpy())
+    if has_bias:
+        graph.set_input(layer, 2, folded)
+    else:
+        graph.add_input(layer, folded)
+        graph.set_attr(layer, "no_bias", False)
+    graph.replace_all_uses(TensorRef(bn, 0), TensorRef(layer, 0))
+
+
+def _quantize_weight(weight: mx.nd.NDArray, spec: FakeQuantSpec) -> mx.nd.NDArray:
+    """The weight quantizer's evaluation form (qgraph/quantizer.py), imperatively."""
+    from .quantizer import MIN_SCALE
+
+    grouped = weight.reshape(spec.reshape)
+    scale = mx.nd.maximum(mx.nd.max(mx.nd.abs(grouped), axis=spec.axes, keepdims=True) / spec.levels, MIN_SCALE)
+    integers = mx.nd.clip(mx.nd.round(mx.nd.broadcast_div(grouped, scale)), -spec.levels, spec.levels)
+    return mx.nd.broadcast_mul(integers, scale).reshape(spec.shape)
 
 
 def quantize(source, config: QuantConfig | None = None, input_shape=None, ctx=None, instruments=()):
