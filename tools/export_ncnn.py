@@ -60,6 +60,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _option(text: str) -> tuple:
+    key, sep, value = text.partition("=")
+    if not sep or value not in ("0", "1") or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r} is not FIELD=0 or FIELD=1")
+    return key, value == "1"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--ncnn-fp16", action="store_true",
                        help="let ncnn keep float data in fp16 where the CPU allows (its default); without it "
                             "--verify runs float layers in float32, as MXNet and the simulation do")
+    check.add_argument("--ncnn-option", action="append", default=[], metavar="FIELD=0|1", type=_option,
+                       help="set an ncnn.Option field for --verify, e.g. use_packing_layout=0 (repeatable)")
     check.add_argument("--threads", type=_positive, default=1, help="ncnn threads (default: 1)")
     check.add_argument("-q", "--quiet", action="store_true", help="print only errors and the result lines")
     return parser
@@ -229,7 +238,7 @@ def verify(args, folded, fp32, outputs, net, data_dir, np, deploy, say) -> None:
         shape = folded.input_shapes[args.input_name]
         images, labels = np.random.default_rng(0).standard_normal((FP32_CHECK_IMAGES,) + shape[1:]).astype("f4"), None
     sample = images[:FP32_CHECK_IMAGES]
-    options = {} if args.ncnn_fp16 else deploy.FLOAT32_OPTIONS
+    options = dict({} if args.ncnn_fp16 else deploy.FLOAT32_OPTIONS, **dict(args.ncnn_option))
     runner = deploy.NcnnRunner(*outputs["fp32"], input_name=args.input_name, output_name=fp32.outputs[0],
                                num_threads=args.threads, options=options)
     ours, ref = runner(sample), folded.to_block()(mx.nd.array(sample)).asnumpy()
