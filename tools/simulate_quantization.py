@@ -497,7 +497,7 @@ def run_grid(graph, rows, args, evalset, calib_images, ctx) -> tuple[dict, list]
     for row in rows:
         variants.setdefault(row.variant, []).append(row)
     bar = tqdm(total=len(rows), desc="grid", disable=not progress)
-    for key, members in variants.items():
+    for members in variants.values():
         row = members[0]
         config = base.replace(input_signed=row.signed, quant_type=row.quant_type, merge_bn=row.merge_bn,
                               exclude_first_conv=row.exclude_first_conv, weight_bits=row.weight_bits,
