@@ -16,7 +16,7 @@ from qgraph.errors import GraphError
 
 pytest.importorskip("ncnn")
 
-MODELS = {"mnist_cnn": (1, 1, 28, 28), "cifar_resnet20_v1": (1, 3, 32, 32)}
+MODELS = {"mnist_cnn": (1, 1, 28, 28), "cifar_resnet20_v1": (1, 3, 32, 32), "mobilenet0.5_cifar10": (1, 3, 32, 32)}
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
@@ -221,3 +221,42 @@ def test_layer_granularity_repeats_one_scale():
     weight = graph.params[graph.inputs("mnistcnn_conv2_fwd")[1].node]
     np.testing.assert_allclose(table.weights["mnistcnn_conv2_fwd"], np.full(32, 127.0 / np.abs(weight).max()),
                                rtol=1e-6)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_depthwise_int8_against_exact_integer_arithmetic(packing, tmp_path):
+    """ncnn's x86 depthwise int8 layer, read against numpy's exact int32 sum * 1/(s_in * s_w) + bias.
+    Unpacked it is exact; with the default packing layout (8 channels a pack) it dequantizes with
+    _mm_rcp_ps, an approximate reciprocal (relative error up to 1.5 * 2^-12), which is why its
+    outputs, and the codes of the next layer's input, drift from the simulation."""
+    import ncnn
+
+    graph = folded("mnist_cnn")
+    layer, source = "mnistcnn_conv1_fwd", "mnistcnn_pool0_fwd"
+    layers = graph.nodes(("Convolution", "FullyConnected"))
+    table = deploy.Table.parse(deploy.calibration_table(graph, {l: 2.0 for l in layers}).format())
+    param, binary = deploy.to_ncnn(graph, table=table).save(tmp_path / "m")
+    net = ncnn.Net()
+    for key, value in dict(deploy.FLOAT32_OPTIONS, use_int8_inference=True, use_packing_layout=packing).items():
+        setattr(net.opt, key, value)
+    net.load_param(str(param))
+    net.load_model(str(binary))
+    (_, _), (x_test, _) = mnist_split()
+    weight = graph.params[graph.inputs(layer)[1].node]
+    bias = graph.params[graph.inputs(layer)[2].node].astype(np.float64)
+    w_scale, in_scale = table.weights[layer], np.float32(table.inputs[layer])
+    q_weight = np.clip(round_half_away(weight.reshape(16, 9) * w_scale[:, None]), -127, 127).reshape(16, 3, 3)
+    worst = 0.0
+    for image in x_test[:4]:
+        extractor = net.create_extractor()
+        extractor.input("data", ncnn.Mat(np.ascontiguousarray(image)))
+        x = np.array(extractor.extract(source)[1]).reshape(16, 14, 14)
+        out = np.array(extractor.extract(layer)[1]).reshape(16, 14, 14)
+        q_x = np.pad(np.clip(round_half_away(x * in_scale), -127, 127), ((0, 0), (1, 1), (1, 1)))
+        acc = sum(q_x[:, i:i + 14, j:j + 14] * q_weight[:, i, j, None, None] for i in range(3) for j in range(3))
+        exact = acc / (np.float64(in_scale) * w_scale.astype(np.float64))[:, None, None] + bias[:, None, None]
+        worst = max(worst, np.abs(out - exact).max() / np.abs(exact).max())
+    if packing:
+        assert 1e-6 < worst < 1e-3
+    else:
+        assert worst < 1e-6
