@@ -47,7 +47,7 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mnist_cnn", help="bundled network or gluoncv model name (default: mnist_cnn)")
     parser.add_argument("--dataset", choices=("mnist", "cifar10"), default=None,
-                        help="default: mnist for mnist_cnn, cifar10 otherwise")
+                        help="default: mnist for mnist_cnn, cifar10 otherwise (and for --qat)")
     parser.add_argument("--data-dir", default=None, help="CIFAR-10 RecordIO folder (default: ../shared/data/cifar10)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: 30 mnist, 14 cifar10)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: 64 mnist, 128 cifar10)")

@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""QAT step time: cifar_resnet20_v1 training steps (batch 128, SGD with momentum) in FP32 and in
+4-bit QAT (per-channel weights folded with fake BN, inputs signed where needed, offline
+thresholds as train.py --qat uses them), interleaved in one run, median of `--repeats` rounds.
+
+The model is models/cifar_resnet20_v1 when it is there, else the gluoncv network with random
+weights (step time does not depend on the weights). A step is forward, backward and the
+optimizer update, on one context. `--online` also times QAT with batch (online) thresholds.
+Last line: `qat/fp32 step time ratio: X`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+warnings.filterwarnings("ignore")
+
+
+def model_prefix() -> str:
+    import mxnet as mx
+
+    prefix = ROOT / "models" / "cifar_resnet20_v1"
+    if Path(f"{prefix}-symbol.json").exists():
+        return str(prefix)
+    from gluoncv.model_zoo import get_model
+
+    net = get_model("cifar_resnet20_v1", classes=10)
+    net.initialize(mx.init.MSRAPrelu(factor_type="in", slope=0))
+    net.hybridize()
+    net(mx.nd.zeros((1, 3, 32, 32)))
+    prefix = Path(tempfile.mkdtemp(prefix="qat-step-")) / "cifar_resnet20_v1"
+    net.export(str(prefix))
+    print("trained model not found: using random weights")
+    return str(prefix)
+
+
+def make_step(net, data, label):
+    import mxnet as mx
+    from mxnet import autograd, gluon
+
+    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 1e-4, "momentum": 0.9})
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+
+    def step():
+        with autograd.record():
+            loss = loss_fn(net(data), label)
+        loss.backward()
+        trainer.step(data.shape[0])
+        mx.nd.waitall()
+
+    return step
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
+    parser.add_argument("--repeats", type=int, default=10, help="interleaved rounds (default: 10)")
+    parser.add_argument("--online", action="store_true", help="also time QAT with online thresholds")
+    args = parser.parse_args(argv)
+    import mxnet as mx
+    import numpy as np
+
+    import qgraph
+
+    prefix = model_prefix()
+    rng = np.random.RandomState(0)
+    data = mx.nd.array(rng.normal(0, 1, (args.batch_size, 3, 32, 32)).astype(np.float32))
+    label = mx.nd.array(rng.randint(0, 10, args.batch_size))
+    config = qgraph.QuantConfig(weight_bits=4, input_bits=4, quant_type="channel", input_signed="auto",
+                                fake_bn=True, online=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fp32 = mx.gluon.SymbolBlock.imports(f"{prefix}-symbol.json", ["data"], f"{prefix}-0000.params")
+    qat = qgraph.quantize(qgraph.load(f"{prefix}-symbol.json"), config)
+    qat.calibrate(data.asnumpy(), "naive", calib_epoch=1, progress=False)
+    steps = {"fp32": make_step(fp32, data, label), "qat": make_step(qat, data, label)}
+    if args.online:
+        online = qgraph.quantize(qgraph.load(f"{prefix}-symbol.json"), config.replace(online=True))
+        steps["qat online"] = make_step(online, data, label)
+    for step in steps.values():  # build the cached graphs and warm the allocator
+        step()
+        step()
+    times: dict = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    median = {name: float(np.median(t)) for name, t in times.items()}
+    for name, value in median.items():
+        print(f"{name:12s} {value * 1000:8.1f} ms/step (median of {args.repeats})")
+    if args.online:
+        print(f"qat online/fp32 step time ratio: {median['qat online'] / median['fp32']:.2f}")
+    print(f"qat/fp32 step time ratio: {median['qat'] / median['fp32']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
