@@ -19,6 +19,15 @@ ncnn2int8.cpp):
   under the int8 tag, then the float bias, the weight scales and the input scale.
   ncnn2int8 also stores the weights of layers it leaves in float as fp16; this writer keeps
   them float32, so float layers compute exactly what the simulation's float layers compute.
+
+What ncnn (1.0.20261020, x86) does with the int8 model, measured with tests/qgraph/test_ncnn.py
+and tools/export_ncnn.py --verify: every layer with a table entry runs int8 (inputs quantized
+round(x * s) to [-127, 127], int32 sums, dequantized to float32 with the bias), the others in
+float; 3x3 stride-1 int8 convolutions give the same outputs with Winograd on or off; the packed
+depthwise int8 path dequantizes with an approximate reciprocal (_mm_rcp_ps, relative error up
+to 3.7e-4), so depthwise models agree with the simulation a little less unless
+use_packing_layout is off; ncnn's default fp16 storage perturbs float layers by about 1e-4,
+hence FLOAT32_OPTIONS.
 """
 from __future__ import annotations
 
