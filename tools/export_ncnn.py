@@ -12,6 +12,7 @@ true, --exclude ...) get no table line, so ncnn runs them in float too.
 --verify runs the real ncnn runtime: FP32 ncnn against MXNet on a few images, then the int8 ncnn
 model against qgraph's simulation over the CIFAR-10 test set (or --verify-data), and prints as
 its last line: ncnn int8 top1 A, simulated top1 B, agreement C%
+(exit status 1 when FP32 differs by more than 1e-4 relative or A and B by more than 0.3 point).
 
 examples:
   python tools/export_ncnn.py models/mnist_cnn-symbol.json --out out/mnist_cnn
@@ -36,6 +37,7 @@ from qgraph.cli import add_calib_args, add_quant_args, config_from_args  # noqa:
 PROG = "export_ncnn.py"
 FP32_CHECK_IMAGES = 16
 FP32_TOLERANCE = 1e-4
+TOP1_TOLERANCE = 0.3  # points of top-1 between ncnn int8 and the simulation
 CIFAR10_SHAPE = (1, 3, 32, 32)
 CIFAR10_PER_CLASS = 20  # calibration images per class drawn from the CIFAR-10 training set
 
@@ -133,8 +135,6 @@ def _bar(progress: bool, desc: str):
 
 
 def run(args) -> int:
-    import numpy as np
-
     import passes
     import qgraph
     from qgraph.deploy import ncnn as deploy
@@ -154,7 +154,8 @@ def run(args) -> int:
     graph = qgraph.load_files(symbol_path, params_path, input_names=[args.input_name])
     shape = args.input_shape or guess_input_shapes(graph)[args.input_name]
     data_dir = args.data_dir
-    if data_dir is None and shape[1] == 3 and not (args.calib_data and (args.verify_data or not args.verify)):
+    needs_data = (not args.no_int8 and not args.calib_data) or (args.verify and not args.verify_data)
+    if data_dir is None and needs_data and len(shape) == 4 and shape[1] == 3:
         from qgraph.data import default_cifar10_dir
 
         data_dir = default_cifar10_dir()
@@ -190,9 +191,7 @@ def run(args) -> int:
     written = deploy.write_files_atomic(files)
     say("wrote " + ", ".join(str(p) for p in written))
     outputs = {"fp32": written[:2], "int8": written[3:5]}
-    if args.verify:
-        verify(args, folded, fp32, outputs, net, data_dir, np, deploy, say)
-    return 0
+    return verify(args, folded, fp32, outputs, net, data_dir) if args.verify else 0
 
 
 def calibration_images(args, shape, data_dir):
@@ -229,9 +228,16 @@ def evaluation_data(args, data_dir):
     return cifar10_arrays(data_dir, "test", limit=args.verify_limit)
 
 
-def verify(args, folded, fp32, outputs, net, data_dir, np, deploy, say) -> None:
+def verify(args, folded, fp32, outputs, net, data_dir) -> int:
+    """Print the FP32 and int8 checks; 1 when FP32 is off by more than FP32_TOLERANCE or the
+    int8 top-1 accuracies differ by more than TOP1_TOLERANCE points, else 0."""
     import mxnet as mx
+    import numpy as np
 
+    from qgraph.deploy import ncnn as deploy
+
+    if net is None and (args.verify_data or data_dir is not None):
+        args.verify_limit = min(args.verify_limit or FP32_CHECK_IMAGES, FP32_CHECK_IMAGES)
     if args.verify_data or data_dir is not None:
         images, labels = evaluation_data(args, data_dir)
     else:
@@ -246,15 +252,16 @@ def verify(args, folded, fp32, outputs, net, data_dir, np, deploy, say) -> None:
     status = "ok" if relative <= FP32_TOLERANCE else f"ABOVE {FP32_TOLERANCE:g}"
     print(f"fp32 ncnn vs MXNet: max relative difference {relative:.2e} over {len(sample)} images ({status})")
     if net is None:
-        return
+        return int(relative > FP32_TOLERANCE)
     int8 = deploy.NcnnRunner(*outputs["int8"], input_name=args.input_name, output_name=fp32.outputs[0],
                              num_threads=args.threads, options=dict(options, use_int8_inference=True))
     ncnn_top = int8(images, progress=_bar(not args.quiet, "ncnn int8")).reshape(len(images), -1).argmax(1)
     sim_top = np.concatenate([net(mx.nd.array(images[i:i + 256])).asnumpy().reshape(len(images[i:i + 256]), -1)
                               for i in range(0, len(images), 256)]).argmax(1)
     agreement = 100.0 * float((ncnn_top == sim_top).mean())
-    print(f"ncnn int8 top1 {100 * (ncnn_top == labels).mean():.2f}, simulated top1 {100 * (sim_top == labels).mean():.2f}, "
-          f"agreement {agreement:.2f}%")
+    ncnn_acc, sim_acc = 100 * float((ncnn_top == labels).mean()), 100 * float((sim_top == labels).mean())
+    print(f"ncnn int8 top1 {ncnn_acc:.2f}, simulated top1 {sim_acc:.2f}, agreement {agreement:.2f}%")
+    return int(relative > FP32_TOLERANCE or abs(ncnn_acc - sim_acc) > TOP1_TOLERANCE)
 
 
 def main(argv=None) -> int:

@@ -203,7 +203,7 @@ def _ncnn_groups(graph: Graph, layer: str, weight: np.ndarray) -> int:
 
 def quantize_int8(values: np.ndarray, scale) -> np.ndarray:
     """ncnn's float2int8: round half away from zero of values * scale, clipped to [-127, 127]."""
-    scaled = values.astype(np.float32) * np.float32(scale) if np.isscalar(scale) else values.astype(np.float32) * scale
+    scaled = values.astype(np.float32) * np.asarray(scale, np.float32)
     rounded = np.sign(scaled) * np.floor(np.abs(scaled) + np.float32(0.5))
     return np.clip(rounded, -INT8_MAX, INT8_MAX).astype(np.int8)
 
@@ -247,14 +247,12 @@ class _Converter:
             if op in _PASS_THROUGH:
                 self.alias[TensorRef(name, 0)] = TensorRef(*graph.inputs(name)[0][:2])
                 continue
-            handler = getattr(self, f"_op_{op}", None)
-            if op in _BINARY:
-                handler = self._binary
+            handler = _HANDLERS.get(op, _Converter._binary if op in _BINARY else None)
             if handler is None:
                 hint = " (fold it into the layer before it first: passes fold_bn / --merge-bn)" if op == "BatchNorm" else ""
                 raise GraphError(f"node '{name}': op {op} cannot be written for ncnn{hint}; "
                                  f"supported: {', '.join(SUPPORTED_OPS)}")
-            self.layers.append(handler(name, graph.attrs(name)))
+            self.layers.append(handler(self, name, graph.attrs(name)))
         outputs = [self.blob(r) for r in graph.outputs]
         self._insert_splits(outputs)
         return NcnnModel(_param_text(self.layers), _bin_bytes(self.layers), list(graph.input_names), outputs,
@@ -417,6 +415,11 @@ class _Converter:
         layer = self._softmax(name, 1)
         layer.bottoms = layer.bottoms[:1]
         return layer
+
+
+_HANDLERS = {op: getattr(_Converter, f"_op_{op}") for op in (
+    "Convolution", "FullyConnected", "Activation", "relu", "LeakyReLU", "clip", "Pooling", "Concat", "Flatten",
+    "softmax", "SoftmaxActivation", "SoftmaxOutput")}
 
 
 def _output_shapes(graph: Graph, input_shapes: dict) -> dict:
