@@ -1,6 +1,5 @@
 """tools/simulate_quantization.py: the seed's flags and defaults, model loading, a run, --grid and --report."""
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
