@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--eval-per-calib", action="store_true",
                        help="evaluate after every calibration epoch (naive) or after calibration (others)")
     parser.set_defaults(calib_batch_size=None)
+    # the shared flag's help describes --calib-data; here the default is the seed's 5 per class
+    parser._option_string_actions["--num-sample"].help = (
+        "calibration images per class, class-balanced with --fixed-random-seed (default: 5 of the training "
+        "split, as the seed; all of --calib-data)")
     table = parser.add_argument_group("results tables and output")
     table.add_argument("--grid", nargs="?", const="int8", choices=("int8", "lowbit"), default=None,
                        help="run the seed's results table and print it as markdown: int8 (the default) or "
