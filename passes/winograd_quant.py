@@ -127,10 +127,11 @@ class _Structure:
         return self.op("tile", suffix, [ref], reps=(copies,) + (1,) * (value.ndim - 1))
 
     def regroup(self, x: TensorRef, outer: int, inner: int, suffix: str) -> TensorRef:
-        """NCHW channels ordered (outer, inner) -> ordered (inner, outer)."""
-        split = self.op("Reshape", f"{suffix}_split", [x], shape=(0, -4, outer, inner, -2))
-        swapped = self.op("transpose", f"{suffix}_swap", [split], axes=(0, 2, 1, 3, 4))
-        return self.op("Reshape", suffix, [swapped], shape=(0, -3, -2))
+        """NCHW channels ordered (outer, inner) -> ordered (inner, outer). H and W are merged for
+        the transpose: a 4-D transpose runs about twice as fast as a 5-D one here."""
+        split = self.op("Reshape", f"{suffix}_split", [x], shape=(0, -4, outer, inner, -3))
+        swapped = self.op("transpose", f"{suffix}_swap", [split], axes=(0, 2, 1, 3))
+        return self.op("reshape_like", suffix, [swapped, x])
 
 
 def _rewrite_full(graph: Graph, layer: str, weight_spec: FakeQuantSpec, input_spec: FakeQuantSpec | None,
