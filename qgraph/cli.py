@@ -6,6 +6,7 @@ the same in every qgraph tool.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .config import QuantConfig
 
@@ -104,3 +105,16 @@ def add_calib_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group.add_argument("--fixed-random-seed", type=int, default=7,
                        help="seed for the class-balanced subset (default: 7, as the seed)")
     return group
+
+
+def run_reporting_errors(prog: str, run, args) -> int:
+    """run(args), turning a qgraph or file error into one line `PROG: error: ...` and exit code 2."""
+    from .errors import QGraphError
+
+    try:
+        return run(args)
+    except (QGraphError, FileNotFoundError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+    except OSError as err:
+        print(f"{prog}: error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
+    return 2

@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-from qgraph.cli import add_calib_args, add_quant_args, config_from_args  # noqa: E402
+from qgraph.cli import add_calib_args, add_quant_args, config_from_args, run_reporting_errors  # noqa: E402
 
 PROG = "export_ncnn.py"
 FP32_CHECK_IMAGES = 16
@@ -268,19 +268,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    from qgraph.errors import QGraphError
-
-    try:
-        return run(args)
-    except QGraphError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"{PROG}: error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(PROG, run, args)
 
 
 if __name__ == "__main__":
