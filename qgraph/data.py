@@ -40,7 +40,9 @@ def default_cifar10_dir() -> Path | None:
 def cifar10_iter(data_dir, split: str, batch_size: int, augment: bool = False, seed: int = 0,
                  num_parts: int = 1, part_index: int = 0):
     """An ImageRecordIter over `cifar10_{split}.rec`, normalised; `augment` adds the standard
-    pad-4 random crop and horizontal flip (and shuffling)."""
+    pad-4 random crop and horizontal flip (and shuffling). The last batch is completed from the
+    start of the file and says how many rows those are in `batch.pad` (with round_batch=False
+    MXNet fills it with stale rows and reports pad 0)."""
     import mxnet as mx
 
     path = Path(data_dir) / f"cifar10_{split}.rec"
@@ -51,7 +53,7 @@ def cifar10_iter(data_dir, split: str, batch_size: int, augment: bool = False, s
     extra = dict(pad=4, rand_crop=True, rand_mirror=True, shuffle=True, seed=seed) if augment else {}
     return mx.io.ImageRecordIter(path_imgrec=str(path), data_shape=(3, 32, 32), batch_size=batch_size,
                                  preprocess_threads=2, num_parts=num_parts, part_index=part_index,
-                                 round_batch=False, **mean, **std, **extra)
+                                 round_batch=True, **mean, **std, **extra)
 
 
 def cifar10_arrays(data_dir, split: str = "test", limit: int | None = None):
@@ -107,7 +109,7 @@ def _read_rec(path: Path, shape):
     import mxnet as mx
 
     return _drain(mx.io.ImageRecordIter(path_imgrec=str(path), data_shape=tuple(shape[1:]), batch_size=500,
-                                        preprocess_threads=2, round_batch=False))
+                                        preprocess_threads=2, round_batch=True))
 
 
 def _read_folder(path: Path, shape):

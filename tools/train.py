@@ -117,7 +117,8 @@ def batches(args, rng):
     else:
         iterator = D.cifar10_iter(args.data_dir, "train", args.batch_size, augment=True, seed=int(rng.randint(1 << 30)))
         for batch in iterator:
-            yield batch.data[0].as_in_context(mx.cpu()), batch.label[0].as_in_context(mx.cpu())
+            keep = batch.data[0].shape[0] - batch.pad
+            yield batch.data[0][:keep].as_in_context(mx.cpu()), batch.label[0][:keep].as_in_context(mx.cpu())
 
 
 def contexts(args) -> list:
