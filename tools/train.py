@@ -140,18 +140,24 @@ def calibration_images(args, rng):
     return images[D.class_balanced_subset(labels, args.num_sample, args.fixed_random_seed)]
 
 
-def build_qat_net(args, ctx):
-    import qgraph
-
-    config = config_from_args(args).replace(fake_bn=args.fake_bn, online=False)
+def model_files(args):
+    """(symbol, params) paths of the model --qat fine-tunes; an error when either is missing."""
+    from qgraph.errors import GraphError
     from qgraph.io import symbol_and_params_paths
 
     symbol_path, params_path = symbol_and_params_paths(args.symbol, args.params)
     if not symbol_path.is_file():
-        raise qgraph.GraphError(f"{symbol_path}: no such symbol file")
+        raise GraphError(f"{symbol_path}: no such symbol file")
     if params_path is None:
-        raise qgraph.GraphError(f"{symbol_path}: no params file beside it; pass --params")
-    graph = qgraph.load_files(symbol_path, params_path)
+        raise GraphError(f"{symbol_path}: no params file beside it; pass --params")
+    return symbol_path, params_path
+
+
+def build_qat_net(args, ctx):
+    import qgraph
+
+    config = config_from_args(args).replace(fake_bn=args.fake_bn, online=False)
+    graph = qgraph.load_files(*model_files(args))
     net = qgraph.quantize(graph, config, ctx=ctx[0])
     logging.info("%s", net.report.format())
     thresholds = net.calibrate(calibration_images(args, None), args.calib_mode, calib_epoch=args.calib_epoch,
@@ -178,6 +184,8 @@ def main(argv=None) -> int:
     rng = np.random.RandomState(args.seed)
     try:
         ensure_writable_folder(args.out)
+        if args.qat:
+            model_files(args)  # the model's files are checked before any data is read
         if args.dataset == "cifar10":
             args.data_dir = args.data_dir or D.default_cifar10_dir()
             if args.data_dir is None:
