@@ -238,9 +238,12 @@ class QuantizedNet(mx.gluon.SymbolBlock):
         return save(self.fixed_graph() if fix_params else self.current_graph(), prefix)
 
     def fixed_graph(self) -> Graph:
-        """The deployable graph: fake-BN layers folded into weight and bias, every quantized
-        weight replaced by its quantized value (integers times scale, computed by the same
-        MXNet operators as the simulation), input quantizers kept in evaluation form."""
+        """The deployable graph: every quantized convolution's BatchNorm folded into its weight
+        and bias, every quantized weight replaced by its quantized value (integers times scale,
+        computed by the same MXNet operators as the simulation), input quantizers kept in
+        evaluation form. A fake-BN net keeps the quantized weights it was evaluated with; a
+        plain one has its BN folded into the float weights before they are quantized, as a
+        deployment tool would do, which is how it is actually deployed."""
         from .quantizer import FAKE_BN_TAG, weight_param
 
         graph = self.float_graph.copy()
@@ -249,7 +252,7 @@ class QuantizedNet(mx.gluon.SymbolBlock):
             if getattr(spec, "winograd", ""):
                 raise ConfigError(f"{spec.layer}: fixing Winograd-domain weights is not supported")
             weight = mx.nd.array(graph.params[weight_param(graph, spec.layer)])
-            bn = graph.attrs(graph.inputs(spec.layer)[1].node).get(FAKE_BN_TAG)
+            bn = graph.attrs(graph.inputs(spec.layer)[1].node).get(FAKE_BN_TAG) or _batchnorm_after(graph, spec.layer)
             if bn:
                 scale = _fake_bn_scale(graph, bn)
                 weight = mx.nd.broadcast_mul(weight, scale.reshape((-1,) + (1,) * (weight.ndim - 1)))
@@ -277,6 +280,22 @@ def _fake_bn_scale(graph: Graph, bn: str) -> mx.nd.NDArray:
     gamma, _, _, running_var = (mx.nd.array(graph.params[r.node]) for r in graph.inputs(bn)[1:5])
     scale = mx.nd.rsqrt(running_var + get_float(graph.attrs(bn), "eps", 1e-3, bn))
     return scale if get_bool(graph.attrs(bn), "fix_gamma", True, bn) else gamma * scale
+
+
+def _batchnorm_after(graph: Graph, layer: str) -> str | None:
+    """The BatchNorm that alone reads a channel-first convolution's output (statistics unused)."""
+    from .attrs import get_int
+
+    users = graph.consumers(layer)
+    if graph.op(layer) != "Convolution" or len(users) != 1 or graph.is_graph_output(layer):
+        return None
+    bn, slot = users[0]
+    if graph.op(bn) != "BatchNorm" or slot != 0 or get_int(graph.attrs(bn), "axis", 1, bn) != 1 or \
+            graph.attrs(layer).get("layout", "None") not in ("None", "NCW", "NCHW", "NCDHW"):
+        return None
+    if any(graph.consumers(TensorRef(bn, i)) or graph.is_graph_output(TensorRef(bn, i)) for i in (1, 2)):
+        return None
+    return bn
 
 
 def _fold_bias(graph: Graph, layer: str, bn: str, scale) -> None:

@@ -239,6 +239,11 @@ def main(argv=None) -> int:
                 net.export(f"{args.out}-fixed", fix_params=True)
         else:
             export_block(net, args.out)
+    if args.qat and args.fix_params:
+        from qgraph.io import to_block
+
+        logging.info("deployable graph (BN folded, weights fixed): test top-1 %.4f",
+                     top1(to_block(net.fixed_graph()), x_test, y_test))
     logging.info("wrote %s-symbol.json and %s-0000.params%s", args.out, args.out,
                  f" (and {args.out}-fixed-*)" if args.qat and args.fix_params else "")
     return 0

@@ -209,3 +209,19 @@ def test_fixed_graph_folds_bn_and_holds_quantized_weights(bias):
     s = (p["bn_gamma"] / np.sqrt(p["bn_moving_var"] + np.float32(EPS))).reshape(-1, 1, 1, 1)
     np.testing.assert_allclose(weight, _quantize_per_channel((p["conv_weight"] * s).astype(np.float32), 4),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_graph_of_a_plain_qat_net_folds_bn_before_quantizing():
+    """Without fake BN the deployable graph folds BN into the float weights, then quantizes
+    them: the deployment form, which differs from what the plain QAT graph computed."""
+    graph = _graph()
+    net = _net(graph, fake_bn=False)
+    fixed = net.fixed_graph()
+    assert not list(fixed.nodes("BatchNorm"))
+    p = graph.params
+    s = (p["bn_gamma"] / np.sqrt(p["bn_moving_var"] + np.float32(EPS))).reshape(-1, 1, 1, 1)
+    weight = fixed.params[fixed.inputs("conv")[1].node]
+    np.testing.assert_allclose(weight, _quantize_per_channel((p["conv_weight"] * s).astype(np.float32), 4),
+                               rtol=1e-5, atol=1e-6)
+    bias = fixed.params[fixed.inputs("conv")[2].node]
+    np.testing.assert_allclose(bias, p["bn_beta"] - p["bn_moving_mean"] * s.ravel(), rtol=1e-5, atol=1e-6)

@@ -37,6 +37,7 @@ def test_qat_with_fake_bn_exports_a_quantized_net_and_a_fixed_graph(tmp_path):
                   "--cpus", "2", "--num-sample", "10", "--fix-params", "--out", out)
     assert result.returncode == 0, result.stderr
     assert "before QAT: test top-1" in result.stderr and "epoch 1: test top-1" in result.stderr
+    assert "deployable graph (BN folded, weights fixed): test top-1" in result.stderr
     net = qgraph.QuantizedNet.load(out)
     assert net.weight_specs and net.input_specs
     fixed = qgraph.load(f"{out}-fixed-symbol.json")
