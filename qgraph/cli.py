@@ -34,6 +34,29 @@ def _bits(text: str) -> int:
     return value
 
 
+def shape(text: str) -> tuple:
+    """An input shape flag: 1,3,32,32 (or 1x3x32x32)."""
+    try:
+        dims = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 1,3,32,32") from None
+    if not dims or min(dims) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 1,3,32,32")
+    return dims
+
+
+def add_model_file_args(parser: argparse.ArgumentParser, out_help: str,
+                        shape_help: str = "input shape (default: guessed from the first layer)", shape_type=shape):
+    """The exported model's files and input, as one argument group."""
+    files = parser.add_argument_group("model files")
+    files.add_argument("symbol", help="exported symbol file, PREFIX-symbol.json")
+    files.add_argument("--params", help="parameters file (default: PREFIX-0000.params beside the symbol)")
+    files.add_argument("--out", help=out_help)
+    files.add_argument("--input-name", default="data", help="name of the data input variable (default: data)")
+    files.add_argument("--input-shape", type=shape_type, metavar="N,C,H,W", help=shape_help)
+    return files
+
+
 def add_quant_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """The quantization flags, as one argument group."""
     group = parser.add_argument_group("quantization")

@@ -32,7 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-from qgraph.cli import add_calib_args, add_quant_args, config_from_args, run_reporting_errors  # noqa: E402
+from qgraph.cli import (add_calib_args, add_model_file_args, add_quant_args, config_from_args,  # noqa: E402
+                        run_reporting_errors)
 
 PROG = "export_ncnn.py"
 FP32_CHECK_IMAGES = 16
@@ -72,14 +73,8 @@ def _option(text: str) -> tuple:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    files = parser.add_argument_group("model files")
-    files.add_argument("symbol", help="exported symbol file, PREFIX-symbol.json")
-    files.add_argument("--params", help="parameters file (default: PREFIX-0000.params beside the symbol)")
-    files.add_argument("--out", help="output prefix (default: ./NAME): writes OUT.param, OUT.bin and, when "
-                                     "calibrating, OUT.table, OUT-int8.param, OUT-int8.bin")
-    files.add_argument("--input-name", default="data", help="name of the data input variable (default: data)")
-    files.add_argument("--input-shape", type=_shape, metavar="1,C,H,W",
-                       help="input shape (default: guessed from the first layer)")
+    add_model_file_args(parser, "output prefix (default: ./NAME): writes OUT.param, OUT.bin and, when "
+                                "calibrating, OUT.table, OUT-int8.param, OUT-int8.bin", shape_type=_shape)
     quant = add_quant_args(parser)
     quant.description = ("ncnn's int8 is fixed: 8-bit signed inputs, 8-bit weights per output channel (or "
                          "one scale per layer). BatchNorm is always folded.")

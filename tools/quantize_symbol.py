@@ -25,33 +25,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-from qgraph.cli import add_calib_args, add_quant_args, config_from_args, run_reporting_errors  # noqa: E402
+from qgraph.cli import (add_calib_args, add_model_file_args, add_quant_args, config_from_args,  # noqa: E402
+                        run_reporting_errors)
 
 PROG = "quantize_symbol.py"
-
-
-def _shape(text: str) -> tuple:
-    try:
-        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 1,3,32,32") from None
-    if not shape or min(shape) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 1,3,32,32")
-    return shape
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    files = parser.add_argument_group("model files")
-    files.add_argument("symbol", help="exported symbol file, PREFIX-symbol.json")
-    files.add_argument("--params", help="parameters file (default: PREFIX-0000.params beside the symbol)")
-    files.add_argument("--out", help="output prefix (default: ./NAME-qgraph); writes OUT-symbol.json and "
-                                     "OUT-0000.params")
-    files.add_argument("--input-name", default="data", help="name of the data input variable (default: data)")
-    files.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
-                       help="input shape, used to verify parameter shapes (default: guessed from the "
-                            "first layer)")
+    add_model_file_args(parser, "output prefix (default: ./NAME-qgraph); writes OUT-symbol.json and OUT-0000.params",
+                        "input shape, used to verify parameter shapes (default: guessed from the first layer)")
     pipeline = parser.add_argument_group("pipeline")
     pipeline.add_argument("--passes", default=None,
                           help="comma-separated passes to run in order, e.g. fold_bn (default: the "

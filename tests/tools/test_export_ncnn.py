@@ -16,17 +16,9 @@ from qgraph.deploy import ncnn as deploy
 pytest.importorskip("ncnn")
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL = ROOT / "models" / "mnist_cnn"
 
 sys.path.insert(0, str(ROOT / "tools"))
 import export_ncnn  # noqa: E402
-
-
-@pytest.fixture
-def model(tmp_path):
-    for suffix in ("-symbol.json", "-0000.params"):
-        shutil.copy(f"{MODEL}{suffix}", tmp_path / f"m{suffix}")
-    return tmp_path / "m"
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """tools/quantize_symbol.py: the happy path and one clear line for every kind of bad input."""
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,18 +13,9 @@ import qgraph
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "quantize_symbol.py"
-MODEL = ROOT / "models" / "mnist_cnn"
 
 sys.path.insert(0, str(ROOT / "tools"))
 import quantize_symbol  # noqa: E402
-
-
-@pytest.fixture
-def model(tmp_path):
-    """A private copy of the bundled model, so a test may damage it."""
-    for suffix in ("-symbol.json", "-0000.params"):
-        shutil.copy(f"{MODEL}{suffix}", tmp_path / f"m{suffix}")
-    return tmp_path / "m"
 
 
 def _digest(folder: Path) -> dict:
