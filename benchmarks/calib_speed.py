@@ -20,7 +20,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 warnings.filterwarnings("ignore")
+
+from resnet20 import resnet20_prefix  # noqa: E402
 
 
 def load_network(prefix: Path):
@@ -29,16 +32,7 @@ def load_network(prefix: Path):
 
     import qgraph
 
-    if not Path(f"{prefix}-symbol.json").exists():
-        from gluoncv.model_zoo import get_model
-
-        net = get_model("cifar_resnet20_v1", classes=10)
-        net.initialize(mx.init.MSRAPrelu(factor_type="in", slope=0))
-        net.hybridize()
-        net(mx.nd.zeros((1, 3, 32, 32)))
-        prefix = Path(tempfile.mkdtemp(prefix="calib-speed-")) / "cifar_resnet20_v1"
-        net.export(str(prefix))
-        print("trained model not found: using random weights")
+    prefix = resnet20_prefix(prefix)
 
     def fresh_block():
         with warnings.catch_warnings():

@@ -12,32 +12,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 warnings.filterwarnings("ignore")
 
-
-def model_prefix() -> str:
-    import mxnet as mx
-
-    prefix = ROOT / "models" / "cifar_resnet20_v1"
-    if Path(f"{prefix}-symbol.json").exists():
-        return str(prefix)
-    from gluoncv.model_zoo import get_model
-
-    net = get_model("cifar_resnet20_v1", classes=10)
-    net.initialize(mx.init.MSRAPrelu(factor_type="in", slope=0))
-    net.hybridize()
-    net(mx.nd.zeros((1, 3, 32, 32)))
-    prefix = Path(tempfile.mkdtemp(prefix="qat-step-")) / "cifar_resnet20_v1"
-    net.export(str(prefix))
-    print("trained model not found: using random weights")
-    return str(prefix)
+from resnet20 import resnet20_prefix  # noqa: E402
 
 
 def make_step(net, data, label):
@@ -68,7 +52,7 @@ def main(argv=None) -> int:
 
     import qgraph
 
-    prefix = model_prefix()
+    prefix = resnet20_prefix()
     rng = np.random.RandomState(0)
     data = mx.nd.array(rng.normal(0, 1, (args.batch_size, 3, 32, 32)).astype(np.float32))
     label = mx.nd.array(rng.randint(0, 10, args.batch_size))
