@@ -74,6 +74,10 @@ def parse_args(argv=None):
     add_quant_args(parser)
     add_calib_args(parser)
     parser.set_defaults(calib_mode="naive", num_sample=100)
+    flags = parser._option_string_actions
+    flags["--calib-mode"].help = "how --qat initialises the input thresholds, which then stay fixed (default: naive)"
+    flags["--num-sample"].help = "--qat calibration images per class from the training split (default: 100)"
+    flags["--calib-data"].help = "not used: --qat calibrates on the training split of --dataset"
     args = parser.parse_args(argv)
     if args.qat and not args.symbol:
         parser.error("--qat needs --symbol MODEL-symbol.json (an exported FP32 model)")
