@@ -77,7 +77,8 @@ def parse_args(argv=None):
     flags = parser._option_string_actions
     flags["--calib-mode"].help = "how --qat initialises the input thresholds, which then stay fixed (default: naive)"
     flags["--num-sample"].help = "--qat calibration images per class from the training split (default: 100)"
-    flags["--calib-data"].help = "not used: --qat calibrates on the training split of --dataset"
+    flags["--calib-data"].help = ("--qat calibration images instead of the training split: a RecordIO .rec, a "
+                                  "folder of images, or an .npy/.npz array")
     args = parser.parse_args(argv)
     if args.qat and not args.symbol:
         parser.error("--qat needs --symbol MODEL-symbol.json (an exported FP32 model)")
@@ -133,10 +134,15 @@ def contexts(args) -> list:
     return [mx.cpu(i) for i in range(max(1, args.cpus))]
 
 
-def calibration_images(args, rng):
-    """--num-sample images per class from the training split, chosen with --fixed-random-seed."""
+def calibration_images(args):
+    """--num-sample images per class from --calib-data or the training split, chosen with
+    --fixed-random-seed."""
     from qgraph import data as D
 
+    if args.calib_data:
+        shape = (1, 1, 28, 28) if args.dataset == "mnist" else (1, 3, 32, 32)
+        mean, std = (args.mean, args.std) if args.mean or args.dataset == "mnist" else (D.CIFAR10_MEAN, D.CIFAR10_STD)
+        return D.load_calibration_data(args.calib_data, shape, mean, std, args.num_sample, args.fixed_random_seed)[0]
     if args.dataset == "mnist":
         (images, labels), _ = D.mnist_split()
     else:  # the training file is shuffled: its first 10,000 images hold about 1,000 per class
@@ -164,7 +170,7 @@ def build_qat_net(args, ctx):
     graph = qgraph.load_files(*model_files(args))
     net = qgraph.quantize(graph, config, ctx=ctx[0])
     logging.info("%s", net.report.format())
-    thresholds = net.calibrate(calibration_images(args, None), args.calib_mode, calib_epoch=args.calib_epoch,
+    thresholds = net.calibrate(calibration_images(args), args.calib_mode, calib_epoch=args.calib_epoch,
                                batch_size=args.calib_batch_size, percentile=args.percentile, progress=True)
     logging.info("calibrated %d input thresholds (%s)", len(thresholds), args.calib_mode)
     return net

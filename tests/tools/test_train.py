@@ -80,3 +80,19 @@ def test_quant_delay_and_bn_freeze_follow_the_step_count():
         train._qat_schedule(net, args, step)
         states.append((net.weights_on, net.inputs_on, net.online, net.bn_frozen))
     assert states == [(False, False, False, False)] * 2 + [(True, True, False, False)] + [(True, True, False, True)] * 2
+
+
+def test_qat_calibrates_on_calib_data_when_given(tmp_path):
+    from qgraph.data import mnist_split
+
+    (images, labels), _ = mnist_split()
+    np.savez(tmp_path / "calib.npz", data=images[:100], labels=labels[:100])
+    out = tmp_path / "qat"
+    result = _run("--qat", "--symbol", ROOT / "models" / "mnist_cnn-symbol.json", "--dataset", "mnist",
+                  "--calib-data", tmp_path / "calib.npz", "--num-sample", "3", "--epochs", "1",
+                  "--steps-per-epoch", "1", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "calibrated 4 input thresholds (naive)" in result.stderr
+    missing = _run("--qat", "--symbol", ROOT / "models" / "mnist_cnn-symbol.json", "--dataset", "mnist",
+                   "--calib-data", tmp_path / "nope.npz", "--out", out)
+    assert missing.returncode == 2 and "nope.npz: no such calibration data" in missing.stderr
