@@ -16,6 +16,7 @@ weight is W * s / s, i.e. the original layer within float rounding.
 from __future__ import annotations
 
 from qgraph import attrs as A
+from qgraph.analysis import bn_fold_blocker
 from qgraph.attrs import format_tuple
 from qgraph.graph import Graph, TensorRef
 from qgraph.pass_manager import PassContext
@@ -40,16 +41,11 @@ class FakeBN:
 def _skip_reason(graph: Graph, conv: str, bn: str) -> str | None:
     if graph.attrs(conv).get(EXCLUDE_TAG):
         return f"excluded ({graph.attrs(conv)[EXCLUDE_TAG]}): stays float, nothing to fold for"
-    users = graph.consumers(conv)
-    if len(users) > 1 or graph.is_graph_output(conv):
-        return f"output of {conv} is also read by {sorted({c for c, _ in users if c != bn}) or ['a graph output']}"
     if A.get_int(graph.attrs(bn), "axis", 1, bn) != 1 or graph.attrs(conv).get("layout", "None") not in (
             "None", "NCW", "NCHW", "NCDHW"):
         return "not channel-first: the per-channel fold needs axis 1"
-    weight = graph.inputs(conv)[1].node
-    if not graph.is_param(weight):
-        return f"weight '{weight}' is not a stored parameter"
-    return None
+    # the rule fold_bn uses: a deployment (QuantizedNet.fixed_graph) must be able to fold this pair
+    return bn_fold_blocker(graph, conv, bn)
 
 
 def _rewrite(graph: Graph, conv: str, bn: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from qgraph import attrs as A
+from qgraph.analysis import bn_fold_blocker
 from qgraph.graph import Graph, TensorRef
 from qgraph.pass_manager import PassContext
 
@@ -23,7 +24,7 @@ class FoldBN:
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         for layer, bn in _find_pairs(graph):
-            reason = _check_pair(graph, layer, bn)
+            reason = bn_fold_blocker(graph, layer, bn)
             if reason:
                 ctx.report.skipped(self.name, bn, reason)
                 continue
@@ -35,38 +36,6 @@ class FoldBN:
 
 def _find_pairs(graph: Graph) -> list[tuple[str, str]]:
     return [(layer, bn) for layer, bn in graph.match_chain([FOLDABLE_OPS, "BatchNorm"])]
-
-
-def _channel_axis(graph: Graph, layer: str) -> int | None:
-    attrs = graph.attrs(layer)
-    if graph.op(layer) == "FullyConnected":
-        return 1 if A.get_bool(attrs, "flatten", True, layer) else -1
-    layout = attrs.get("layout", "None")
-    if layout in ("None", "NCW", "NCHW", "NCDHW"):
-        return 1
-    return -1 if layout.endswith("C") else None
-
-
-def _check_pair(graph: Graph, layer: str, bn: str) -> str | None:
-    """None when the pair can be folded, else the reason it is skipped."""
-    users = graph.consumers(layer)
-    if len(users) > 1 or graph.is_graph_output(layer):
-        others = sorted({c for c, _ in users if c != bn}) or ["a graph output"]
-        return f"output of {layer} is also read by {others}"
-    for index in (1, 2):
-        if graph.consumers(TensorRef(bn, index)) or graph.is_graph_output(TensorRef(bn, index)):
-            return f"{bn} output {index} (batch mean/var) is used"
-    non_params = [r.node for r in graph.inputs(bn)[1:] if not graph.is_param(r.node)]
-    if non_params:
-        return f"BatchNorm statistics {non_params} are not stored parameters"
-    weight = graph.inputs(layer)[1].node
-    if not graph.is_param(weight):
-        return f"weight '{weight}' of {layer} is computed, not a stored parameter"
-    bn_axis = A.get_int(graph.attrs(bn), "axis", 1, bn)
-    layer_axis = _channel_axis(graph, layer)
-    if layer_axis is None or bn_axis != layer_axis:
-        return f"BatchNorm axis {bn_axis} is not the channel axis of {layer}"
-    return None
 
 
 def _bn_scale_shift(graph: Graph, bn: str) -> tuple[np.ndarray, np.ndarray]:

@@ -169,9 +169,9 @@ def online_threshold(build: _Builder, x: TensorRef) -> TensorRef:
     """The batch statistic an online input quantizer uses as its threshold, shape (1,)."""
     spec = build.spec
     source = build.op("abs", "abs", [x]) if spec.signed else x
-    layer = build.graph
-    if layer.op(spec.layer) in ("Convolution", "Deconvolution") and \
-            len(get_tuple(layer.attrs(spec.layer), "kernel", (), spec.layer)) == 2:
+    graph = build.graph
+    if graph.op(spec.layer) in ("Convolution", "Deconvolution") and \
+            len(get_tuple(graph.attrs(spec.layer), "kernel", (), spec.layer)) == 2:
         # NCHW: global max pooling first, about 8x faster than a full `max` on oneDNN tensors
         source = build.op("Pooling", "spatial_max", [source], kernel=(1, 1), global_pool=True, pool_type="max")
     if spec.stat == "mean_max":

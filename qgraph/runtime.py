@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
+from typing import NamedTuple
 
 import mxnet as mx
 import numpy as np
@@ -39,6 +40,19 @@ def _make_params(graph: Graph, thresholds: set, ctx):
         param.initialize(mx.init.Constant(0), ctx=ctx)
         param.set_data(mx.nd.array(value, dtype=value.dtype))
     return params
+
+
+class EmissionKey(NamedTuple):
+    """What selects an emission: the quantizers on, online or offline thresholds, the training
+    (straight-through) form, the sign probe, the baked offline thresholds and the BN freeze."""
+
+    weights: bool
+    inputs: bool
+    online: bool
+    ste: bool
+    sign_probe: bool
+    baked: tuple | None
+    bn_frozen: bool
 
 
 class _Emission:
@@ -118,10 +132,11 @@ class QuantizedNet(mx.gluon.SymbolBlock):
         graph.outputs = graph.outputs + stats + minima
         return graph.cleanup()
 
-    def _emission(self, key) -> _Emission:
+    def _emission(self, key: EmissionKey) -> _Emission:
         if key not in self._emissions:
-            if key[5] is not None:  # thresholds changed since the last baked emission of this mode
-                for stale in [k for k in self._emissions if k[:5] + k[6:] == key[:5] + key[6:]]:
+            if key.baked is not None:  # thresholds changed since the last baked emission of this mode
+                mode = key._replace(baked=None)
+                for stale in [k for k in self._emissions if k._replace(baked=None) == mode]:
                     del self._emissions[stale]
             graph = self.emit(*key)
             self._emissions[key] = _Emission(symbol_block(graph, self._shared))
@@ -140,8 +155,8 @@ class QuantizedNet(mx.gluon.SymbolBlock):
         online = inputs_on and self.online
         probe = online and not self._checked_signs and any(not s.signed for s in self.input_specs)
         baked = self._baked_thresholds() if inputs_on and not online else None
-        key = (self.weights_on and bool(self.weight_specs), inputs_on, online, autograd.is_recording(), probe, baked,
-               self.bn_frozen)
+        key = EmissionKey(self.weights_on and bool(self.weight_specs), inputs_on, online, autograd.is_recording(),
+                          probe, baked, self.bn_frozen)
         outputs = self._emission(key).block(x, *args)
         outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
         n_model, n_stats = len(self.float_graph.outputs), len(self.input_specs)
@@ -249,7 +264,7 @@ class QuantizedNet(mx.gluon.SymbolBlock):
         graph = self.float_graph.copy()
         graph.params = {n: self._shared[n].data().asnumpy() for n in graph.params}
         for spec in self.weight_specs:
-            if getattr(spec, "winograd", ""):
+            if spec.winograd:
                 raise ConfigError(f"{spec.layer}: fixing Winograd-domain weights is not supported")
             weight = mx.nd.array(graph.params[weight_param(graph, spec.layer)])
             bn = graph.attrs(graph.inputs(spec.layer)[1].node).get(FAKE_BN_TAG) or _batchnorm_after(graph, spec.layer)
@@ -260,9 +275,8 @@ class QuantizedNet(mx.gluon.SymbolBlock):
             fixed = graph.add_variable(f"{spec.layer}_weight_fixed", _quantize_weight(weight, spec).asnumpy())
             graph.set_input(spec.layer, 1, fixed)
         if self.inputs_on:
-            online = self.online
             for spec in self.input_specs:
-                spec = dataclasses.replace(spec, online=online, threshold=_threshold_name(spec))
+                spec = dataclasses.replace(spec, online=self.online, threshold=_threshold_name(spec))
                 add_input_fake_quant(graph, spec, ste=False)
         return graph.cleanup()
 
@@ -283,17 +297,14 @@ def _fake_bn_scale(graph: Graph, bn: str) -> mx.nd.NDArray:
 
 
 def _batchnorm_after(graph: Graph, layer: str) -> str | None:
-    """The BatchNorm that alone reads a channel-first convolution's output (statistics unused)."""
-    from .attrs import get_int
+    """The BatchNorm that alone reads a convolution's output, when fold_bn's rule lets it fold."""
+    from .analysis import bn_fold_blocker
 
     users = graph.consumers(layer)
-    if graph.op(layer) != "Convolution" or len(users) != 1 or graph.is_graph_output(layer):
+    if graph.op(layer) != "Convolution" or len(users) != 1:
         return None
     bn, slot = users[0]
-    if graph.op(bn) != "BatchNorm" or slot != 0 or get_int(graph.attrs(bn), "axis", 1, bn) != 1 or \
-            graph.attrs(layer).get("layout", "None") not in ("None", "NCW", "NCHW", "NCDHW"):
-        return None
-    if any(graph.consumers(TensorRef(bn, i)) or graph.is_graph_output(TensorRef(bn, i)) for i in (1, 2)):
+    if graph.op(bn) != "BatchNorm" or slot != 0 or bn_fold_blocker(graph, layer, bn):
         return None
     return bn
 

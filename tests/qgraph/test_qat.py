@@ -81,4 +81,4 @@ def test_changed_thresholds_select_a_new_constant_emission(batch):
     net.set_thresholds({layer: net.thresholds()[layer] * 0.25})
     second = net(data).asnumpy()
     assert np.abs(first - second).max() > 1e-3
-    assert sum(1 for key in net._emissions if key[5] is not None) == 1  # the stale one was dropped
+    assert sum(1 for key in net._emissions if key.baked is not None) == 1  # the stale one was dropped
