@@ -34,7 +34,7 @@ def _bits(text: str) -> int:
     return value
 
 
-def shape(text: str) -> tuple:
+def shape_arg(text: str) -> tuple:
     """An input shape flag: 1,3,32,32 (or 1x3x32x32)."""
     try:
         dims = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
@@ -46,7 +46,7 @@ def shape(text: str) -> tuple:
 
 
 def add_model_file_args(parser: argparse.ArgumentParser, out_help: str,
-                        shape_help: str = "input shape (default: guessed from the first layer)", shape_type=shape):
+                        shape_help: str = "input shape (default: guessed from the first layer)", shape_type=shape_arg):
     """The exported model's files and input, as one argument group."""
     files = parser.add_argument_group("model files")
     files.add_argument("symbol", help="exported symbol file, PREFIX-symbol.json")

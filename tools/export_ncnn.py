@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 from qgraph.cli import (add_calib_args, add_model_file_args, add_quant_args, config_from_args,  # noqa: E402
-                        run_reporting_errors)
+                        run_reporting_errors, shape_arg)
 
 PROG = "export_ncnn.py"
 FP32_CHECK_IMAGES = 16
@@ -44,13 +44,10 @@ CIFAR10_PER_CLASS = 20  # calibration images per class drawn from the CIFAR-10 t
 
 
 def _shape(text: str) -> tuple:
-    try:
-        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 1,3,32,32") from None
-    if len(shape) != 4 or min(shape) <= 0:
+    dims = shape_arg(text)
+    if len(dims) != 4:
         raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 1,3,32,32")
-    return shape
+    return dims
 
 
 def _positive(text: str) -> int:

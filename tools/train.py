@@ -10,9 +10,9 @@ the latest weights.
 
 QAT (--qat --symbol MODEL-symbol.json): the exported model is rewritten with the
 quantization flags (the same as simulate_quantization.py), input thresholds are
-initialised by --calib-mode on class-balanced training images (or, with --calib-mode none,
-tracked online by EMA during training as in the seed), and the weights are fine-tuned
-through the fake-quant graph with straight-through gradients. --fake-bn folds BatchNorm
+calibrated by --calib-mode on class-balanced training images (or --calib-data) and then
+kept fixed, and the weights are fine-tuned through the fake-quant graph with
+straight-through gradients. --fake-bn folds BatchNorm
 into the quantized weights (arXiv:1712.05877); --quant-delay and --freeze-bn-after are in
 steps. The export reloads with qgraph.QuantizedNet.load; --fix-params also writes
 PREFIX-fixed-*: BN folded and weights holding their quantized values, for deployment.
@@ -163,11 +163,11 @@ def model_files(args):
     return symbol_path, params_path
 
 
-def build_qat_net(args, ctx):
+def build_qat_net(args, files, ctx):
     import qgraph
 
     config = config_from_args(args).replace(fake_bn=args.fake_bn, online=False)
-    graph = qgraph.load_files(*model_files(args))
+    graph = qgraph.load_files(*files)
     net = qgraph.quantize(graph, config, ctx=ctx[0])
     logging.info("%s", net.report.format())
     thresholds = net.calibrate(calibration_images(args), args.calib_mode, calib_epoch=args.calib_epoch,
@@ -187,15 +187,14 @@ def main(argv=None) -> int:
     from qgraph import data as D
     from qgraph.errors import QGraphError
     from qgraph.evaluate import top1
-    from qgraph.io import ensure_writable_folder, export_block
+    from qgraph.io import ensure_writable_folder, export_block, save, to_block
 
     ctx = contexts(args)
     mx.random.seed(args.seed)
     rng = np.random.RandomState(args.seed)
     try:
         ensure_writable_folder(args.out)
-        if args.qat:
-            model_files(args)  # the model's files are checked before any data is read
+        files = model_files(args) if args.qat else None  # checked before any data is read
         if args.dataset == "cifar10":
             args.data_dir = args.data_dir or D.default_cifar10_dir()
             if args.data_dir is None:
@@ -206,7 +205,7 @@ def main(argv=None) -> int:
             _, (x_test, y_test) = D.mnist_split()
             steps_per_epoch = (4000 + args.batch_size - 1) // args.batch_size
         if args.qat:
-            net = build_qat_net(args, ctx)
+            net = build_qat_net(args, files, ctx)
             net.collect_params().reset_ctx(ctx)
             logging.info("before QAT: test top-1 %.4f", top1(net, x_test, y_test))
         else:
@@ -246,14 +245,13 @@ def main(argv=None) -> int:
         if args.qat:
             net.export(args.out)
             if args.fix_params:
-                net.export(f"{args.out}-fixed", fix_params=True)
+                fixed = net.fixed_graph()
+                save(fixed, f"{args.out}-fixed")
         else:
             export_block(net, args.out)
     if args.qat and args.fix_params:
-        from qgraph.io import to_block
-
         logging.info("deployable graph (BN folded, weights fixed): test top-1 %.4f",
-                     top1(to_block(net.fixed_graph()), x_test, y_test))
+                     top1(to_block(fixed), x_test, y_test))
     logging.info("wrote %s-symbol.json and %s-0000.params%s", args.out, args.out,
                  f" (and {args.out}-fixed-*)" if args.qat and args.fix_params else "")
     return 0
