@@ -58,10 +58,11 @@ def time_mxnet(fresh_block, images, batch_size) -> float:
 def time_qgraph(graph, images, batch_size) -> float:
     import mxnet as mx
 
+    import passes
     import qgraph
 
     start = time.perf_counter()
-    net = qgraph.quantize(graph, qgraph.QuantConfig(quant_type="channel", input_signed="auto", online=False))
+    net = passes.quantize(graph, qgraph.QuantConfig(quant_type="channel", input_signed="auto", online=False))
     net.calibrate(images, "kl", batch_size=batch_size, progress=False)
     net(mx.nd.array(images[:2])).wait_to_read()
     return time.perf_counter() - start

@@ -25,20 +25,10 @@ from resnet20 import resnet20_prefix  # noqa: E402
 
 
 def make_step(net, data, label):
-    import mxnet as mx
-    from mxnet import autograd, gluon
+    from qgraph import training
 
-    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 1e-4, "momentum": 0.9})
-    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-
-    def step():
-        with autograd.record():
-            loss = loss_fn(net(data), label)
-        loss.backward()
-        trainer.step(data.shape[0])
-        mx.nd.waitall()
-
-    return step
+    trainer = training.Optimization("sgd", 1e-4, wd=0.0, total_steps=10**6).trainer(net.collect_params())
+    return lambda: training.train_step(net, trainer, data, label)
 
 
 def main(argv=None) -> int:
@@ -50,6 +40,7 @@ def main(argv=None) -> int:
     import mxnet as mx
     import numpy as np
 
+    import passes
     import qgraph
 
     prefix = resnet20_prefix()
@@ -61,11 +52,11 @@ def main(argv=None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fp32 = mx.gluon.SymbolBlock.imports(f"{prefix}-symbol.json", ["data"], f"{prefix}-0000.params")
-    qat = qgraph.quantize(qgraph.load(f"{prefix}-symbol.json"), config)
+    qat = passes.quantize(qgraph.load(f"{prefix}-symbol.json"), config)
     qat.calibrate(data.asnumpy(), "naive", calib_epoch=1, progress=False)
     steps = {"fp32": make_step(fp32, data, label), "qat": make_step(qat, data, label)}
     if args.online:
-        online = qgraph.quantize(qgraph.load(f"{prefix}-symbol.json"), config.replace(online=True))
+        online = passes.quantize(qgraph.load(f"{prefix}-symbol.json"), config.replace(online=True))
         steps["qat online"] = make_step(online, data, label)
     for step in steps.values():  # build the cached graphs and warm the allocator
         step()

@@ -10,7 +10,7 @@ U(0.5, 2) * s**2 with s**2 = mean(input**2); see scale_batchnorm_stats for why u
 random statistics make deep nets too ill-conditioned to compare), and take that output as
 the reference. Then
 
-1. round trip: ``qgraph.Graph.load(net, input_shape=...)`` -> ``graph.to_block()``;
+1. round trip: ``qgraph.load(net, input_shape=...)`` -> ``qgraph.to_block(graph)``;
    the output must equal the reference bit for bit (``np.array_equal``);
 2. fold_bn: ``PassManager(passes.build_pipeline('fold_bn')).run(graph)`` ->
    ``to_block()``; ``max|a - b| / max|ref| <= --tol`` (1e-4). A failure also reports how
@@ -185,7 +185,7 @@ def _is_download_error(err: BaseException) -> bool:
 def error_text(err: BaseException) -> str:
     import mxnet as mx
 
-    from qgraph.graph import mxnet_error_line
+    from qgraph.errors import mxnet_error_line
 
     if isinstance(err, mx.base.MXNetError):
         return mxnet_error_line(err)
@@ -365,10 +365,10 @@ def run_model(name: str, tol: float, seed: int = SEED) -> Result:
         ref = outputs(net, x)
         if not all(np.isfinite(r).all() for r in ref):
             raise RuntimeError("the reference output is not finite; nothing to compare")
-        graph = qgraph.Graph.load(net, input_shape=tuple(x.shape))
+        graph = qgraph.load(net, input_shape=tuple(x.shape))
         result.nodes = len(graph)
 
-        result.exact, why = bit_exact(outputs(graph.to_block(), x), ref)
+        result.exact, why = bit_exact(outputs(qgraph.to_block(graph), x), ref)
         if not result.exact:
             result.problems.append(f"round trip not bit-exact: {why}")
 
@@ -377,7 +377,7 @@ def run_model(name: str, tol: float, seed: int = SEED) -> Result:
         result.folded = sum(e.action == "changed" for e in entries)
         result.fold_skipped = len(entries) - result.folded
         result.bn_left = len(folded.nodes("BatchNorm"))
-        result.rel_diff = relative_diff(outputs(folded.to_block(), x), ref)
+        result.rel_diff = relative_diff(outputs(qgraph.to_block(folded), x), ref)
         result.fold_ok = result.rel_diff <= tol
         if not result.fold_ok:
             result.problems.append(f"fold_bn: max|a-b|/max|ref| = {result.rel_diff:.3g} > {format_tol(tol)} "

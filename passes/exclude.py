@@ -1,10 +1,11 @@
-"""exclude: mark layers that must stay in float  =>  `__qgraph_exclude__` = reason on each.
+"""exclude: mark layers that must stay in float  =>  EXCLUDE_TAG = reason on each.
 
 Marks the first Convolution (config.exclude_first_conv, as the seed), the last
 FullyConnected (config.exclude_last_fc), every node of an op type in
 config.exclude_ops, and every node named by config.exclude (an exact name, else a
 regular expression matched against the whole name). A name or pattern that matches
 nothing is an error: a typo must not silently quantize a layer the user meant to keep.
+Running it twice changes nothing.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from qgraph.config import QuantConfig
 from qgraph.errors import ConfigError
 from qgraph.graph import Graph
 from qgraph.pass_manager import PassContext
-from qgraph.quantizer import EXCLUDE_TAG
+from qgraph.tags import EXCLUDE_TAG
 
 
 class Exclude:

@@ -11,16 +11,17 @@ through the batch statistics); in inference, and in training once BN is frozen, 
 the running statistics, and the layer computes exactly the deployed Q(W * s) * x + bias.
 This is the folded form of PyTorch's ConvBn QAT modules; it needs no second convolution
 for the batch statistics, which keeps a QAT step cheap. With quantization disabled the
-weight is W * s / s, i.e. the original layer within float rounding.
+weight is W * s / s, i.e. the original layer within float rounding. fold_bn recognises
+the form (qgraph.folding.fake_bn_fold) and folds it back to Q(W * s).
 """
 from __future__ import annotations
 
 from qgraph import attrs as A
-from qgraph.analysis import bn_fold_blocker
 from qgraph.attrs import format_tuple
-from qgraph.graph import Graph, TensorRef
+from qgraph.folding import bn_fold_blocker
+from qgraph.graph import Graph
 from qgraph.pass_manager import PassContext
-from qgraph.quantizer import EXCLUDE_TAG, FAKE_BN_TAG
+from qgraph.tags import EXCLUDE_TAG, FAKE_BN_TAG
 
 
 class FakeBN:
@@ -41,10 +42,12 @@ class FakeBN:
 def _skip_reason(graph: Graph, conv: str, bn: str) -> str | None:
     if graph.attrs(conv).get(EXCLUDE_TAG):
         return f"excluded ({graph.attrs(conv)[EXCLUDE_TAG]}): stays float, nothing to fold for"
+    if graph.attrs(graph.inputs(conv)[1].node).get(FAKE_BN_TAG):
+        return "weight already folded by fake_bn"
     if A.get_int(graph.attrs(bn), "axis", 1, bn) != 1 or graph.attrs(conv).get("layout", "None") not in (
             "None", "NCW", "NCHW", "NCDHW"):
         return "not channel-first: the per-channel fold needs axis 1"
-    # the rule fold_bn uses: a deployment (QuantizedNet.fixed_graph) must be able to fold this pair
+    # the rule fold_bn uses: a deployment must be able to fold this pair
     return bn_fold_blocker(graph, conv, bn)
 
 
@@ -52,16 +55,10 @@ def _rewrite(graph: Graph, conv: str, bn: str) -> None:
     attrs = graph.attrs(bn)
     gamma, _, _, running_var = graph.inputs(bn)[1:5]
     weight = graph.inputs(conv)[1]
-    shape = graph.params[weight.node].shape
-    ndim = len(shape)
+    ndim = len(graph.params[weight.node].shape)
     # MXNet cannot infer a parameter's shape backwards through broadcast ops
-    graph.set_attr(weight.node, "__shape__", format_tuple(shape))
-
-    def node(op, suffix, inputs, **op_attrs):
-        op_attrs = {k: str(v) for k, v in op_attrs.items()}
-        op_attrs[FAKE_BN_TAG] = bn
-        return TensorRef(graph.add_node(op, f"{conv}_fakebn_{suffix}", inputs, op_attrs))
-
+    graph.set_attr(weight.node, "__shape__", format_tuple(graph.params[weight.node].shape))
+    node = graph.builder(f"{conv}_fakebn", {FAKE_BN_TAG: bn})
     inv_std = node("rsqrt", "inv_std", [node("_plus_scalar", "var_eps", [running_var],
                                              scalar=A.get_float(attrs, "eps", 1e-3, bn))])
     fix_gamma = A.get_bool(attrs, "fix_gamma", True, bn)

@@ -1,5 +1,5 @@
 """insert_fake_quant: layer(x, W)  =>  layer(Qx(x), Qw(W)) for every Convolution (grouped and
-depthwise included), Deconvolution and FullyConnected not marked by `exclude`.
+depthwise included), Deconvolution and FullyConnected not kept in float by `exclude`.
 
 Weights are quantized per layer, per group (num_group slices) or per output channel
 (for FullyConnected both mean per output unit); inputs signed or unsigned ('auto':
@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from qgraph import attrs as A
-from qgraph.analysis import is_non_negative
 from qgraph.config import QuantConfig
 from qgraph.errors import GraphError
 from qgraph.graph import Graph
 from qgraph.pass_manager import PassContext
-from qgraph.quantizer import (EXCLUDE_TAG, FQ_TAG, QUANTIZABLE_OPS, FakeQuantSpec, add_input_fake_quant,
-                              add_weight_fake_quant, weight_param)
+from qgraph.quantizer import (QUANTIZABLE_OPS, FakeQuantSpec, add_input_fake_quant, add_weight_fake_quant,
+                              weight_spec)
+from qgraph.signs import is_non_negative
+from qgraph.tags import EXCLUDE_TAG, FQ_TAG, WINOGRAD_TAG
 
 
 class InsertFakeQuant:
@@ -34,9 +34,9 @@ class InsertFakeQuant:
                              "insert them into the float graph only once")
         non_negative: dict = {}
         for layer in graph.nodes(QUANTIZABLE_OPS):
-            reason = graph.attrs(layer).get(EXCLUDE_TAG)
+            reason = _skip_reason(graph, layer)
             if reason:
-                ctx.report.skipped(self.name, layer, f"excluded ({reason})")
+                ctx.report.skipped(self.name, layer, reason)
                 continue
             described = [_insert_weight(graph, layer, config)]
             if config.quantize_input:
@@ -45,29 +45,17 @@ class InsertFakeQuant:
         return graph
 
 
-def _weight_grouping(graph: Graph, layer: str, config: QuantConfig) -> tuple[tuple, tuple]:
-    """(reshape, reduced axes) that give one scale per layer, group or output channel."""
-    weight = weight_param(graph, layer)
-    if not graph.is_param(weight):
-        raise GraphError(f"weight of '{layer}' ('{weight}') is not a stored parameter; cannot size its scales")
-    shape = graph.params[weight].shape
-    op, groups = graph.op(layer), A.get_int(graph.attrs(layer), "num_group", 1, layer)
-    if config.quant_type == "layer":
-        return (1, -1), (1,)
-    if op == "FullyConnected":
-        return (shape[0], -1), (1,)
-    if config.quant_type == "group":
-        return (groups, -1), (1,)
-    if op == "Deconvolution":  # (C_in, C_out/g, k...): channel j of group i is [i, :, j, :]
-        return (groups, shape[0] // groups, shape[1], -1), (1, 3)
-    return (shape[0], -1), (1,)
+def _skip_reason(graph: Graph, layer: str) -> str | None:
+    attrs = graph.attrs(layer)
+    if attrs.get(EXCLUDE_TAG):
+        return f"excluded ({attrs[EXCLUDE_TAG]})"
+    if attrs.get(WINOGRAD_TAG):
+        return f"float transform of {attrs[WINOGRAD_TAG]}'s Winograd kernel"
+    return None
 
 
 def _insert_weight(graph: Graph, layer: str, config: QuantConfig) -> str:
-    reshape, axes = _weight_grouping(graph, layer, config)
-    spec = FakeQuantSpec("weight", layer, 1, config.weight_bits, signed=True, granularity=config.quant_type,
-                         reshape=reshape, axes=axes, shape=tuple(graph.params[weight_param(graph, layer)].shape))
-    add_weight_fake_quant(graph, spec)
+    add_weight_fake_quant(graph, weight_spec(graph, layer, config.weight_bits, config.quant_type))
     return f"weight int{config.weight_bits} per {config.quant_type}"
 
 

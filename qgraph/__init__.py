@@ -1,16 +1,24 @@
-"""qgraph: simulate quantization and run QAT on MXNet Gluon models by rewriting their Symbol graphs."""
+"""qgraph: simulate quantization and run QAT on MXNet Gluon models by rewriting their Symbol graphs.
+
+The core: the graph IR and its files (Graph, load, save, to_block), the pass machinery
+(PassManager and instruments), QuantConfig, and QuantizedNet, the block that runs a
+rewritten graph. The passes themselves, and the pipelines that compose them
+(`passes.quantize`, `passes.fixed_graph`), live in the `passes` package.
+"""
 from .config import QuantConfig
-from .errors import ConfigError, GraphError, PassError, QGraphError
-from .graph import Graph, TensorRef
+from .emit import Mode
+from .errors import ConfigError, DataError, GraphError, PassError, QGraphError
+from .graph import Graph, NodeBuilder, TensorRef
 from .io import from_block, load, load_files, save, to_block
-from .pass_manager import (DumpInstrument, Instrument, PassContext, PassManager, Report,
+from .pass_manager import (DumpInstrument, Instrument, LintInstrument, PassContext, PassManager, Report,
                            TimingInstrument, VerifyInstrument)
-from .runtime import QuantizedNet, quantize
+from .runtime import QuantizedNet
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "GraphError", "PassError", "QGraphError", "Graph", "TensorRef", "from_block", "load",
-    "load_files", "save", "to_block", "DumpInstrument", "Instrument", "PassContext", "PassManager",
-    "Report", "TimingInstrument", "VerifyInstrument", "QuantConfig", "QuantizedNet", "quantize",
+    "ConfigError", "DataError", "GraphError", "PassError", "QGraphError", "Graph", "NodeBuilder", "TensorRef",
+    "from_block", "load", "load_files", "save", "to_block", "DumpInstrument", "Instrument", "LintInstrument",
+    "PassContext", "PassManager", "Report", "TimingInstrument", "VerifyInstrument", "QuantConfig", "Mode",
+    "QuantizedNet",
 ]

@@ -11,13 +11,19 @@ qgraph.observers. Afterwards the net quantizes inputs offline.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
 
+import mxnet as mx
 import numpy as np
+from tqdm import tqdm
 
 from . import observers
-from .errors import ConfigError, QGraphError
+from .errors import ConfigError, DataError, QGraphError
+from .io import to_block
 from .taps import HistogramTap, add_taps, observed_tensors, tap_kind, tensor_key
 
 log = logging.getLogger(__name__)
@@ -29,12 +35,36 @@ FINE_BINS = 64      # one-pass histograms: fine bins per KL bin at the first bat
 GRID_HEADROOM = 2   # the fine grid covers this multiple of the first batch's range
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """How to calibrate: `mode` (one of MODES), `epochs` over the data for naive, the batch
+    size, and the percentile for mode 'percentile'."""
+
+    mode: str = "naive"
+    epochs: int = 3
+    batch_size: int = 128
+    percentile: float = 99.99
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(f"calibration mode {self.mode!r} is not one of {', '.join(MODES)}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"calibration {name}={getattr(self, name)}: must be at least 1")
+
+    def replace(self, **changes) -> "Calibration":
+        return dataclasses.replace(self, **changes)
+
+    def run(self, net, data, progress: bool = True, after_epoch: Callable[[int], None] | None = None) -> dict:
+        """calibrate(net, data) with these settings."""
+        return calibrate(net, data, self.mode, calib_epoch=self.epochs, batch_size=self.batch_size,
+                         percentile=self.percentile, progress=progress, after_epoch=after_epoch)
+
+
 def as_batches(data, batch_size: int = 128, num_batches: int | None = None) -> list:
     """Calibration data as a list of NDArray batches, checked to be non-empty and finite.
     Accepts a numpy array or NDArray (split into batches), a list of them, (data, label)
     pairs, a gluon DataLoader or an mx.io.DataIter."""
-    import mxnet as mx
-
     if isinstance(data, (np.ndarray, mx.nd.NDArray)):
         data = [data[i:i + batch_size] for i in range(0, len(data), batch_size)]
     elif isinstance(data, mx.io.DataIter):
@@ -50,19 +80,21 @@ def as_batches(data, batch_size: int = 128, num_batches: int | None = None) -> l
         if array.size == 0:
             continue
         if not np.isfinite(array).all():
-            raise QGraphError(f"calibration batch {len(batches)} contains NaN or Inf values")
+            raise DataError(f"calibration batch {len(batches)} contains NaN or Inf values")
         batches.append(mx.nd.array(array, dtype=np.float32))
         if num_batches is not None and len(batches) >= num_batches:
             break
     if not batches:
-        raise QGraphError("the calibration set is empty")
+        raise DataError("the calibration set is empty")
     return batches
 
 
 def calibrate(net, data, mode: str = "naive", calib_epoch: int = 3, num_batches: int | None = None,
               momentum: float = 0.9, percentile: float = 99.99, batch_size: int = 128,
-              progress: bool = True) -> dict:
-    """Calibrate `net` (a QuantizedNet) in place; returns layer -> {threshold, method, bits, signed}."""
+              progress: bool = True, after_epoch: Callable[[int], None] | None = None) -> dict:
+    """Calibrate `net` (a QuantizedNet) in place; returns layer -> {threshold, method, bits, signed}.
+    `after_epoch(epoch)` runs after each naive epoch with the net quantizing inputs offline
+    with the thresholds so far (the seed's --eval-per-calib)."""
     if mode not in MODES:
         raise ConfigError(f"calibration mode {mode!r} is not one of {', '.join(MODES)}")
     if calib_epoch < 1:
@@ -71,7 +103,7 @@ def calibrate(net, data, mode: str = "naive", calib_epoch: int = 3, num_batches:
         raise ConfigError("the net quantizes no inputs, so there is nothing to calibrate")
     batches = as_batches(data, batch_size, num_batches)
     if mode == "naive":
-        _calibrate_naive(net, batches, calib_epoch, momentum, progress)
+        _calibrate_naive(net, batches, calib_epoch, momentum, progress, after_epoch)
     else:
         net.set_thresholds(_histogram_thresholds(net, batches, mode, percentile, progress))
     thresholds = net.thresholds()
@@ -85,21 +117,20 @@ def calibrate(net, data, mode: str = "naive", calib_epoch: int = 3, num_batches:
 
 
 def _bar(iterable, progress: bool, desc: str):
-    if not progress:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, leave=False)
+    return tqdm(iterable, desc=desc, leave=False) if progress else iterable
 
 
-def _calibrate_naive(net, batches, calib_epoch, momentum, progress):
+def _calibrate_naive(net, batches, calib_epoch, momentum, progress, after_epoch):
     net.enable_quantize()
-    net.quantize_input(enable=True, online=True)
     net.reset_thresholds()
     for epoch in range(calib_epoch):
+        net.quantize_input(enable=True, online=True)
         for batch in _bar(batches, progress, f"calibrate naive {epoch + 1}/{calib_epoch}"):
             net(batch)
             net.update_ema(momentum)
+        if after_epoch is not None:
+            net.quantize_input(enable=True, online=False)
+            after_epoch(epoch)
 
 
 class _TapRunner:
@@ -107,13 +138,11 @@ class _TapRunner:
     parameters: the same execution path, and so the same rounding, as the net's evaluation."""
 
     def __init__(self, net, taps: dict):
-        from .runtime import symbol_block
-
         graph = net.float_graph.copy().cleanup()
         self.n_model = len(graph.outputs)
         add_taps(graph, **taps)
         self.kinds = [tap_kind(graph, ref) for ref in graph.outputs[self.n_model:]]
-        self.block = symbol_block(graph, net.collect_params())
+        self.block = to_block(graph, params=net.collect_params())
 
     def __call__(self, batch):
         return self.block(batch)
@@ -132,8 +161,6 @@ def _run_taps(net, batches, taps: dict, progress, desc):
 
 
 def _combine(kind, old, new):
-    import mxnet as mx
-
     if kind.endswith("|min"):
         return mx.nd.minimum(old, new)
     if kind.endswith("|max"):

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .calibrate import MODES, Calibration
 from .config import QuantConfig
+from .errors import QGraphError
 
 
 def _bool(text: str) -> bool:
@@ -31,6 +33,16 @@ def _bits(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if not 2 <= value <= 16:
         raise argparse.ArgumentTypeError(f"{value} is outside 2..16")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
     return value
 
 
@@ -109,8 +121,6 @@ def _floats(text: str) -> tuple:
 
 def add_calib_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """The offline-calibration flags, as one argument group."""
-    from .calibrate import MODES
-
     group = parser.add_argument_group("calibration (offline input thresholds)")
     group.add_argument("--calib-mode", choices=MODES, default=None,
                        help="naive: EMA of batch maxima (the seed); kl: the seed's KL search; entropy: MXNet's "
@@ -130,10 +140,14 @@ def add_calib_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     return group
 
 
+def calibration_from_args(args, mode: str | None = None) -> Calibration:
+    """The Calibration the calibration flags describe (`mode` overrides --calib-mode)."""
+    batch_size = args.calib_batch_size or getattr(args, "batch_size", None) or 128
+    return Calibration(mode or args.calib_mode or "naive", args.calib_epoch, batch_size, args.percentile)
+
+
 def run_reporting_errors(prog: str, run, args) -> int:
     """run(args), turning a qgraph or file error into one line `PROG: error: ...` and exit code 2."""
-    from .errors import QGraphError
-
     try:
         return run(args)
     except (QGraphError, FileNotFoundError) as err:

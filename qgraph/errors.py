@@ -1,4 +1,7 @@
 """Exception types: every failure qgraph reports on purpose is a QGraphError."""
+from __future__ import annotations
+
+import re
 
 
 class QGraphError(Exception):
@@ -15,3 +18,21 @@ class PassError(QGraphError):
 
 class ConfigError(QGraphError):
     """An option, flag or configuration field has an invalid value."""
+
+
+class DataError(QGraphError):
+    """Input data (images, calibration batches, RecordIO files) is missing, empty or corrupt."""
+
+
+def mxnet_error_line(err: Exception) -> str:
+    """The informative line of an MXNetError (MXNet appends stack traces)."""
+    text = str(err)
+    for line in text.splitlines():
+        line = line.strip()
+        if "Check failed" in line or "Error in operator" in line or "InferShape" in line:
+            return re.sub(r"^\[[\d:]+\] \S+: ", "", line)
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("Stack trace", "File ", "[bt]")):
+            return re.sub(r"^(MXNetError: )?\[[\d:]+\] \S+: ", "", line)
+    return text.strip()[:300]

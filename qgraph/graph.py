@@ -1,4 +1,4 @@
-"""Graph IR: MXNet Symbol JSON <-> networkx.MultiDiGraph + params, the edit verbs passes use, verify().
+"""Graph IR: MXNet Symbol JSON <-> networkx.MultiDiGraph + params, the edit verbs passes use, lint() and verify().
 
 A node per Symbol JSON node, keyed by its unique name, with `op` ("null" for
 variables), `attrs` (strings exactly as MXNet writes them) and `extra` (any
@@ -9,19 +9,27 @@ repeated inputs and aux states round-trip exactly. `params` maps every
 parameter variable to a numpy array; variables listed in `input_names` are
 the graph's data inputs. Whether a parameter is an auxiliary state is derived
 from the operators (MXNet's list_auxiliary_states), never stored.
+
+`params` and `outputs` are read-only views: every change goes through a verb
+(`set_param`, `add_variable`, `add_output`, `set_outputs`, `set_input`, ...), each of
+which checks that the tensors it references exist and raises GraphError naming them.
+`lint()` checks the structure in pure Python; `verify()` adds MXNet's operator and
+shape checks. Loading and saving files and blocks lives in qgraph.io.
 """
 from __future__ import annotations
 
 import copy as _copy
 import json
-import re
-from typing import Iterable, NamedTuple, Sequence
+from types import MappingProxyType
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
+import mxnet as mx
 import networkx as nx
 import numpy as np
 
 from .attrs import format_tuple
-from .errors import GraphError
+from .errors import GraphError, mxnet_error_line
+from .op_check import check_node
 
 
 class TensorRef(NamedTuple):
@@ -40,18 +48,21 @@ def _as_ref(tensor) -> TensorRef:
     return TensorRef(*tensor)
 
 
-def mxnet_error_line(err: Exception) -> str:
-    """The informative line of an MXNetError (MXNet appends stack traces)."""
-    text = str(err)
-    for line in text.splitlines():
-        line = line.strip()
-        if "Check failed" in line or "Error in operator" in line or "InferShape" in line:
-            return re.sub(r"^\[[\d:]+\] \S+: ", "", line)
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith(("Stack trace", "File ", "[bt]")):
-            return re.sub(r"^(MXNetError: )?\[[\d:]+\] \S+: ", "", line)
-    return text.strip()[:300]
+class NodeBuilder:
+    """Adds operator nodes to a graph named `<prefix>_<suffix>` (made unique) and carrying
+    `tags` as extra attributes: the one way rewrites build the subgraphs they insert.
+
+        node = graph.builder("conv1_weight_fq", {FQ_TAG: "conv1_weight_fq"})
+        scaled = node("_div_scalar", "div", [x], scalar=0.5)   # -> TensorRef
+    """
+
+    def __init__(self, graph: "Graph", prefix: str, tags: Mapping[str, str] | None = None):
+        self.graph, self.prefix, self.tags = graph, prefix, dict(tags or {})
+
+    def __call__(self, op: str, suffix: str, inputs: Sequence = (), **attrs) -> TensorRef:
+        attrs = {k: str(v) for k, v in attrs.items()}
+        attrs.update(self.tags)
+        return TensorRef(self.graph.add_node(op, f"{self.prefix}_{suffix}", inputs, attrs))
 
 
 class Graph:
@@ -59,11 +70,21 @@ class Graph:
 
     def __init__(self):
         self.nx = nx.MultiDiGraph()
-        self.outputs: list[TensorRef] = []
-        self.params: dict[str, np.ndarray] = {}
+        self._outputs: list[TensorRef] = []
+        self._params: dict[str, np.ndarray] = {}
         self.input_names: list[str] = []
         self.input_shapes: dict[str, tuple] = {}
         self.json_attrs: dict = {}
+
+    @property
+    def params(self) -> Mapping[str, np.ndarray]:
+        """Parameter name -> value (read-only; change values with set_param)."""
+        return MappingProxyType(self._params)
+
+    @property
+    def outputs(self) -> tuple[TensorRef, ...]:
+        """The graph's output tensors in head order (change them with add_output/set_outputs)."""
+        return tuple(self._outputs)
 
     # ------------------------------------------------------------------ load / emit
     @classmethod
@@ -77,10 +98,10 @@ class Graph:
             raise GraphError(f"{source}: not valid JSON ({err})") from None
         graph = cls()
         graph._read_doc(doc, source)
-        graph.params = {} if params is None else dict(params)
+        graph._params = {} if params is None else dict(params)
         variables = [n for n in graph.nx if graph.op(n) == "null"]
         if input_names is None:
-            graph.input_names = [n for n in variables if n not in graph.params]
+            graph.input_names = [n for n in variables if n not in graph._params]
         else:
             graph.input_names = list(input_names)
         graph.check_params(params_source or source)
@@ -102,7 +123,7 @@ class Graph:
             name = self._read_node(entry, position, names, source)
             names.append(name)
         del self._json_names
-        self.outputs = [self._read_entry(h, len(names), names, source, "heads") for h in doc["heads"]]
+        self._outputs = [self._read_entry(h, len(names), names, source, "heads") for h in doc["heads"]]
         self.check_ops(source)
         attrs = doc.get("attrs", {})
         self.json_attrs = _copy.deepcopy(attrs) if isinstance(attrs, dict) else {}
@@ -158,8 +179,6 @@ class Graph:
 
     def check_ops(self, source: str = "graph") -> None:
         """Every operator has the inputs MXNet expects and is only read at outputs it has."""
-        from .op_check import check_node
-
         outputs = {}
         try:
             for name in self.nx:
@@ -175,7 +194,7 @@ class Graph:
         except GraphError as err:
             raise GraphError(f"{source}: {err}") from None
         reads = [(dst, d["index"], src) for src, dst, d in self.nx.edges(data=True)]
-        reads += [("the graph outputs", ref.index, ref.node) for ref in self.outputs]
+        reads += [("the graph outputs", ref.index, ref.node) for ref in self._outputs]
         for reader, index, producer in reads:
             if self.op(producer) != "null" and producer not in outputs:
                 continue
@@ -189,12 +208,12 @@ class Graph:
         for name in self.input_names:
             if name not in variables:
                 raise GraphError(f"{source}: the graph has no input variable '{name}' "
-                                 f"(variables without values: {sorted(variables - set(self.params))[:8]})")
+                                 f"(variables without values: {sorted(variables - set(self._params))[:8]})")
         for name in sorted(variables - set(self.input_names)):
-            if name not in self.params:
+            if name not in self._params:
                 users = sorted({c for c, _ in self.consumers(name)})
                 raise GraphError(f"{source}: no value for parameter '{name}' (used by {users[:3]})")
-        for name in sorted(self.params):
+        for name in sorted(self._params):
             if name not in variables:
                 raise GraphError(f"{source}: has '{name}', which is not a variable of the graph")
             if name in self.input_names:
@@ -215,38 +234,16 @@ class Graph:
         doc = {
             "nodes": nodes,
             "arg_nodes": [i for i, n in enumerate(order) if self.op(n) == "null"],
-            "heads": [[position[r.node], r.index, r.version] for r in self.outputs],
+            "heads": [[position[r.node], r.index, r.version] for r in self._outputs],
             "attrs": _copy.deepcopy(self.json_attrs) or {"mxnet_version": ["int", 10901]},
         }
         return json.dumps(doc, indent=2)
 
     def to_symbol(self):
-        import mxnet as mx
-
         try:
             return mx.sym.load_json(self.to_json())
         except mx.base.MXNetError as err:
             raise GraphError(f"MXNet rejects the graph: {mxnet_error_line(err)}") from None
-
-    @classmethod
-    def load(cls, source, input_shape=None, params=None, input_names=None) -> "Graph":
-        """From a HybridBlock/SymbolBlock (traced with `input_shape` if never run), a
-        `-symbol.json` path or a file prefix; see qgraph.io.load."""
-        from . import io
-
-        return io.load(source, input_shape=input_shape, params=params, input_names=input_names)
-
-    def save(self, prefix, epoch: int = 0):
-        """Write `prefix-symbol.json` and `prefix-0000.params` atomically."""
-        from . import io
-
-        return io.save(self, prefix, epoch)
-
-    def to_block(self, ctx=None):
-        """A SymbolBlock computing this graph."""
-        from . import io
-
-        return io.to_block(self, ctx)
 
     def aux_names(self, symbol=None) -> set:
         symbol = self.to_symbol() if symbol is None else symbol
@@ -259,8 +256,8 @@ class Graph:
             data = other.nx.nodes[name]
             data["attrs"] = dict(data["attrs"])
             data["extra"] = _copy.deepcopy(data["extra"])
-        other.outputs = list(self.outputs)
-        other.params = dict(self.params)  # arrays are replaced by passes, never mutated in place
+        other._outputs = list(self._outputs)
+        other._params = dict(self._params)  # arrays are replaced by set_param, never mutated in place
         other.input_names = list(self.input_names)
         other.input_shapes = dict(self.input_shapes)
         other.json_attrs = _copy.deepcopy(self.json_attrs)
@@ -289,7 +286,7 @@ class Graph:
         return [n for n in order if self.op(n) in ops]
 
     def is_param(self, name: str) -> bool:
-        return name in self.params
+        return name in self._params
 
     def topo_order(self) -> list[str]:
         rank = {name: i for i, name in enumerate(self.nx.nodes)}
@@ -301,24 +298,20 @@ class Graph:
 
     def inputs(self, name: str) -> list[TensorRef]:
         """The tensors feeding `name`, ordered by input slot."""
+        self._need(name)
         edges = sorted(self.nx.in_edges(name, data=True), key=lambda e: e[2]["slot"])
         return [TensorRef(src, d["index"], d["version"]) for src, _, d in edges]
-
-    def input_node(self, name: str, slot: int) -> str:
-        for src, _, d in self.nx.in_edges(name, data=True):
-            if d["slot"] == slot:
-                return src
-        raise GraphError(f"node '{name}' has no input in slot {slot}")
 
     def consumers(self, tensor) -> list[tuple[str, int]]:
         """(consumer, slot) pairs reading `tensor` (a node name means its output 0)."""
         ref = _as_ref(tensor)
+        self._need(ref.node)
         return sorted((dst, d["slot"]) for _, dst, d in self.nx.out_edges(ref.node, data=True)
                       if d["index"] == ref.index)
 
     def is_graph_output(self, tensor) -> bool:
         ref = _as_ref(tensor)
-        return any(o.node == ref.node and o.index == ref.index for o in self.outputs)
+        return any(o.node == ref.node and o.index == ref.index for o in self._outputs)
 
     def match_chain(self, ops: Sequence) -> list[list[str]]:
         """Chains n0 -> n1 -> ... where n[i].op is in ops[i] (a str or a set) and
@@ -330,7 +323,19 @@ class Graph:
                       if slot == 0 and self.op(dst) in allowed]
         return chains
 
+    def aux_names(self, symbol=None) -> set:
+        symbol = self.to_symbol() if symbol is None else symbol
+        return set(symbol.list_auxiliary_states())
+
+    def _need(self, name: str, role: str = "node") -> None:
+        if name not in self.nx:
+            raise GraphError(f"{role} '{name}' does not exist in the graph")
+
     # ------------------------------------------------------------------ edit verbs
+    def builder(self, prefix: str, tags: Mapping[str, str] | None = None) -> NodeBuilder:
+        """A NodeBuilder adding nodes named `<prefix>_<suffix>` that carry `tags`."""
+        return NodeBuilder(self, prefix, tags)
+
     def unique_name(self, base: str, also_taken=frozenset()) -> str:
         """`base`, or `base_N` with the smallest N that no node (nor `also_taken`) uses."""
         if base not in self.nx and base not in also_taken:
@@ -352,8 +357,25 @@ class Graph:
         if value is None:
             self.input_names.append(name)
         else:
-            self.params[name] = value
+            self._params[name] = value
         return name
+
+    def set_param(self, name: str, value: np.ndarray) -> str:
+        """Replace the value of parameter `name` (a `__shape__` attribute follows the new shape)."""
+        if name not in self._params:
+            self._need(name, "parameter")
+            raise GraphError(f"'{name}' is not a parameter of the graph (it is a {self.op(name)} node)")
+        value = np.asarray(value)
+        self._params[name] = value
+        if "__shape__" in self.attrs(name):
+            self.set_attr(name, "__shape__", format_tuple(value.shape))
+        return name
+
+    def set_params(self, values: Mapping[str, np.ndarray]) -> "Graph":
+        """set_param for every (name, value) in `values`."""
+        for name, value in values.items():
+            self.set_param(name, value)
+        return self
 
     def add_node(self, op: str, name: str, inputs: Sequence, attrs: dict | None = None) -> str:
         """A new operator node reading `inputs` (tensors or node names) in slot order."""
@@ -368,11 +390,14 @@ class Graph:
         return name
 
     def set_attr(self, name: str, key: str, value) -> None:
+        self._need(name)
         self.nx.nodes[name]["attrs"][key] = str(value)
 
     def set_input(self, name: str, slot: int, tensor) -> None:
         """Make slot `slot` of `name` read `tensor` instead of what it reads now."""
         ref = _as_ref(tensor)
+        self._need(name)
+        self._need(ref.node, "input tensor")
         doomed = [(src, key) for src, _, key, d in self.nx.in_edges(name, keys=True, data=True)
                   if d["slot"] == slot]
         if not doomed:
@@ -384,29 +409,52 @@ class Graph:
     def add_input(self, name: str, tensor) -> int:
         """Append `tensor` as the next input slot of `name` (e.g. a bias); returns the slot."""
         ref = _as_ref(tensor)
+        self._need(name)
+        self._need(ref.node, "input tensor")
         slot = self.nx.in_degree(name)
         self.nx.add_edge(ref.node, name, index=ref.index, slot=slot, version=ref.version)
         return slot
 
+    def add_output(self, tensor) -> TensorRef:
+        """Append `tensor` to the graph outputs (after the model's own)."""
+        ref = _as_ref(tensor)
+        self._need(ref.node, "output tensor")
+        self._outputs.append(ref)
+        return ref
+
+    def set_outputs(self, tensors: Sequence) -> "Graph":
+        """Replace the graph outputs."""
+        refs = [_as_ref(t) for t in tensors]
+        for ref in refs:
+            self._need(ref.node, "output tensor")
+        self._outputs = refs
+        return self
+
     def insert_on_edge(self, consumer: str, slot: int, op: str, name: str,
                        attrs: dict | None = None, extra_inputs: Sequence = ()) -> str:
         """consumer[slot] <- t   becomes   consumer[slot] <- new(t, *extra_inputs). Returns new."""
-        tensor = self.inputs(consumer)[slot]
-        new = self.add_node(op, name, [tensor, *extra_inputs], attrs)
+        inputs = self.inputs(consumer)
+        if not 0 <= slot < len(inputs):
+            raise GraphError(f"node '{consumer}' has no input in slot {slot}")
+        new = self.add_node(op, name, [inputs[slot], *extra_inputs], attrs)
         self.set_input(consumer, slot, TensorRef(new))
         return new
 
     def replace_all_uses(self, old, new) -> None:
         """Every consumer and graph output of tensor `old` reads tensor `new` instead."""
         old, new = _as_ref(old), _as_ref(new)
+        self._need(old.node)
+        self._need(new.node, "replacement tensor")
         for dst, slot in self.consumers(old):
             self.set_input(dst, slot, new)
-        self.outputs = [new if (o.node, o.index) == (old.node, old.index) else o for o in self.outputs]
+        self._outputs = [new if (o.node, o.index) == (old.node, old.index) else o for o in self._outputs]
 
     def replace_node(self, old: str, new: str) -> None:
         """Every use of output i of `old` reads output i of `new`; `old` and its dead inputs go."""
+        self._need(old)
+        self._need(new, "replacement node")
         indices = {d["index"] for _, _, d in self.nx.out_edges(old, data=True)}
-        indices |= {o.index for o in self.outputs if o.node == old}
+        indices |= {o.index for o in self._outputs if o.node == old}
         for index in sorted(indices):
             self.replace_all_uses(TensorRef(old, index), TensorRef(new, index))
         self.remove_node(old)
@@ -414,28 +462,29 @@ class Graph:
 
     def remove_node(self, name: str) -> None:
         """Remove a node nobody reads; a variable's value goes with it."""
+        self._need(name)
         users = sorted({dst for _, dst in self.nx.out_edges(name)})
-        if users or any(o.node == name for o in self.outputs):
+        if users or any(o.node == name for o in self._outputs):
             raise GraphError(f"cannot remove '{name}': still read by {users or ['the graph outputs']}")
         self.nx.remove_node(name)
-        self.params.pop(name, None)
+        self._params.pop(name, None)
+        if name in self.input_names:
+            self.input_names.remove(name)
 
     def cleanup(self) -> "Graph":
         """Drop every node the outputs do not depend on (keeps graph inputs)."""
         live = set()
-        for ref in self.outputs:
+        for ref in self._outputs:
             live.add(ref.node)
             live |= nx.ancestors(self.nx, ref.node)
         for name in [n for n in self.nx if n not in live and n not in self.input_names]:
             self.nx.remove_node(name)
-            self.params.pop(name, None)
+            self._params.pop(name, None)
         return self
 
     # ------------------------------------------------------------------ checks
     def infer_shapes(self, input_shapes: dict | None = None) -> dict[str, tuple]:
         """Shapes of every argument and auxiliary state, inferred from the input shapes."""
-        import mxnet as mx
-
         shapes = dict(self.input_shapes if input_shapes is None else input_shapes)
         symbol = self.to_symbol()
         try:
@@ -447,30 +496,46 @@ class Graph:
         names = symbol.list_arguments() + symbol.list_auxiliary_states()
         return dict(zip(names, [tuple(s) for s in arg_shapes + aux_shapes]))
 
-    def verify(self) -> "Graph":
-        """Acyclic, every slot wired once, outputs exist, every parameter present and, when
-        the input shapes are known, of the inferred shape. Raises GraphError, returns self."""
+    def lint(self) -> "Graph":
+        """Structure only, in pure Python (no MXNet): acyclic, every edge's ends exist, every
+        node's input slots are 0..n-1 once each, variables have no inputs and are read at
+        output 0, outputs exist, and parameters and inputs are variables (every variable
+        is one or the other, never both). Raises GraphError naming the node, returns self."""
         self.topo_order()
-        for name in self.nx:
+        for name, data in self.nx.nodes(data=True):
+            if "op" not in data:
+                raise GraphError(f"node '{name}' was created without an op (an edge to a missing node?)")
             slots = sorted(d["slot"] for _, _, d in self.nx.in_edges(name, data=True))
             if slots != list(range(len(slots))):
                 raise GraphError(f"node '{name}': input slots {slots} are not 0..{len(slots) - 1} once each")
-        if not self.outputs:
+            if data["op"] == "null" and slots:
+                raise GraphError(f"variable '{name}' has inputs")
+        for src, dst, d in self.nx.edges(data=True):
+            if self.op(src) == "null" and d["index"] != 0:
+                raise GraphError(f"node '{dst}' reads output {d['index']} of variable '{src}', which has one")
+        if not self._outputs:
             raise GraphError("graph has no outputs")
-        for ref in self.outputs:
+        for ref in self._outputs:
             if ref.node not in self.nx:
                 raise GraphError(f"graph output '{ref.node}' is not a node")
         self.check_params("graph")
+        return self
+
+    def verify(self) -> "Graph":
+        """lint(), then MXNet's view: every operator has the inputs MXNet expects and is read
+        only at outputs it has, and, when the input shapes are known, every parameter has the
+        inferred shape. Raises GraphError, returns self."""
+        self.lint()
         self.check_ops()
         symbol = self.to_symbol()
         if self.input_shapes:
             inferred = self.infer_shapes()
-            for name, value in self.params.items():
+            for name, value in self._params.items():
                 if inferred.get(name) != tuple(value.shape):
                     users = sorted({c for c, _ in self.consumers(name)})
                     raise GraphError(f"parameter '{name}' has shape {tuple(value.shape)} but "
                                      f"{users[:2]} needs {inferred.get(name)}")
         n_outputs = len(symbol.list_outputs())
-        if n_outputs != len(self.outputs):
-            raise GraphError(f"graph declares {len(self.outputs)} outputs but MXNet sees {n_outputs}")
+        if n_outputs != len(self._outputs):
+            raise GraphError(f"graph declares {len(self._outputs)} outputs but MXNet sees {n_outputs}")
         return self

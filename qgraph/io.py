@@ -1,7 +1,10 @@
-"""Move graphs in and out: HybridBlock / SymbolBlock / (prefix-symbol.json, .params) <-> Graph.
+"""Move graphs in and out: HybridBlock / SymbolBlock / (prefix-symbol.json, .params) <-> Graph, and
+the one atomic file writer every qgraph output goes through.
 
-Files are written atomically (temporary file in the target folder, then rename)
-and input files are only ever read.
+Files are written atomically (temporary files in the target folder, renamed once all are
+written), get the mode an ordinary open() would give under the caller's umask, and their
+folders are created only then, so a failed run leaves neither partial files nor new
+folders. Input files are only ever read.
 """
 from __future__ import annotations
 
@@ -10,36 +13,55 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable, Mapping, Union
 
+import mxnet as mx
 import numpy as np
 
-from .errors import GraphError
-from .graph import Graph, mxnet_error_line
+from . import attrs as A
+from .errors import GraphError, mxnet_error_line
+from .graph import Graph
 
 log = logging.getLogger(__name__)
 
 DEFAULT_INPUT_NAMES = ("data",)
 
+# what write_files_atomic writes: text, bytes, or a function that writes the file at the path it is given
+FileContent = Union[str, bytes, Callable[[str], None]]
 
-def symbol_and_params_paths(path, params=None) -> tuple[Path, Path | None]:
-    """`x-symbol.json` -> (that, x-0000.params if present); a bare prefix works too."""
+
+# ---------------------------------------------------------------------- model files
+def model_prefix(path) -> str:
+    """`x-symbol.json` or `x` -> `x`; another `.json` name -> that name without `.json`."""
+    text = str(path)
+    if text.endswith("-symbol.json"):
+        return text[: -len("-symbol.json")]
+    return text[: -len(".json")] if text.endswith(".json") else text
+
+
+def model_files(path, params=None) -> tuple[Path, Path]:
+    """(symbol, params) files of an exported model given `PREFIX-symbol.json` or `PREFIX`, with
+    `params` defaulting to PREFIX-0000.params. Raises GraphError naming the file looked for."""
     path = Path(path)
-    if path.name.endswith(".json"):
-        symbol_path = path
-        prefix = str(path)[: -len("-symbol.json")] if path.name.endswith("-symbol.json") else None
-    else:
-        symbol_path, prefix = Path(f"{path}-symbol.json"), str(path)
+    symbol_path = path if path.name.endswith(".json") else Path(f"{path}-symbol.json")
+    if not symbol_path.is_file():
+        raise GraphError(f"{symbol_path}: no such symbol file")
     if params is not None:
-        return symbol_path, Path(params)
-    if prefix is not None and Path(f"{prefix}-0000.params").exists():
-        return symbol_path, Path(f"{prefix}-0000.params")
-    return symbol_path, None
+        params_path = Path(params)
+        if not params_path.is_file():
+            raise GraphError(f"{params_path}: no such params file")
+        return symbol_path, params_path
+    params_path = Path(f"{model_prefix(symbol_path)}-0000.params")
+    if not params_path.is_file():
+        # without it every weight would silently become a graph input
+        raise GraphError(f"{symbol_path}: no params file beside it ({params_path} does not exist); "
+                         "pass the params file explicitly")
+    return symbol_path, params_path
 
 
 def read_params(path) -> dict[str, np.ndarray]:
-    """A .params file (exported `arg:`/`aux:` keys or `save_parameters` names) as numpy arrays."""
-    import mxnet as mx
-
+    """A .params file (exported `arg:`/`aux:` keys or `save_parameters` names) as numpy arrays.
+    NaN or Inf in any value is an error naming the parameter."""
     path = Path(path)
     if not path.is_file():
         raise GraphError(f"{path}: no such params file")
@@ -55,7 +77,16 @@ def read_params(path) -> dict[str, np.ndarray]:
         if name in params:
             raise GraphError(f"{path}: parameter '{name}' is stored twice")
         params[name] = value.asnumpy()
+    check_finite(params, str(path))
     return params
+
+
+def check_finite(params: Mapping[str, np.ndarray], source: str) -> None:
+    """GraphError naming the first parameter holding NaN or Inf."""
+    for name, value in params.items():
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            bad = int(np.size(value) - np.isfinite(value).sum())
+            raise GraphError(f"{source}: parameter '{name}' holds {bad} NaN or Inf value(s)")
 
 
 def load_files(symbol_path, params_path=None, input_names=DEFAULT_INPUT_NAMES,
@@ -86,27 +117,24 @@ def _check_shapes(graph: Graph, source) -> None:
 
 
 def load(source, input_shape=None, params=None, input_names=None) -> Graph:
-    """Graph from a Graph, a HybridBlock/SymbolBlock, a `-symbol.json` path or a file prefix.
+    """Graph from a Graph (copied), a HybridBlock/SymbolBlock, a `-symbol.json` path or a file prefix.
 
     `input_shape` is a tuple (single input) or a dict name -> shape; a block that was never
     run needs it so it can be traced.
     """
-    import mxnet as mx
-
     if isinstance(source, Graph):
-        return source.copy()
+        graph = source.copy()
+        if input_shape is not None:
+            graph.input_shapes = _shape_dict(graph.input_names, input_shape)
+        return graph
     if isinstance(source, mx.gluon.HybridBlock):
         return from_block(source, input_shape)
     if isinstance(source, (str, os.PathLike)):
-        symbol_path, params_path = symbol_and_params_paths(source, params)
-        if params_path is None and symbol_path.is_file():
-            # without it every weight would silently become a graph input
-            raise GraphError(f"{symbol_path}: no PREFIX-0000.params beside it; pass params=")
+        symbol_path, params_path = model_files(source, params)
         graph = load_files(symbol_path, params_path, input_names or DEFAULT_INPUT_NAMES)
         if input_shape is not None:
             graph.input_shapes = _shape_dict(graph.input_names, input_shape)
-            if params_path is not None:
-                _check_shapes(graph, params_path)
+            _check_shapes(graph, params_path)
         return graph
     raise GraphError(f"cannot load a graph from {type(source).__name__}; "
                      "give a HybridBlock, a SymbolBlock, a Graph or a -symbol.json path")
@@ -122,8 +150,6 @@ def _shape_dict(names, input_shape) -> dict:
 
 def from_block(block, input_shape=None) -> Graph:
     """Export a HybridBlock (tracing it with zeros of `input_shape` if never run) into a Graph."""
-    import mxnet as mx
-
     with tempfile.TemporaryDirectory(prefix="qgraph-") as folder:
         prefix = os.path.join(folder, "block")
         try:
@@ -144,6 +170,7 @@ def from_block(block, input_shape=None) -> Graph:
             params = {name: p.data().asnumpy() for name, p in block.collect_params().items() if name in variables}
         else:
             params = read_params(f"{prefix}-0000.params")
+        check_finite(params, type(block).__name__)
         graph = Graph.from_json(text, params, source=type(block).__name__)
     if input_shape is not None:
         graph.input_shapes = _shape_dict(graph.input_names, input_shape)
@@ -152,76 +179,148 @@ def from_block(block, input_shape=None) -> Graph:
 
 def _prefixed_arrays(graph: Graph, symbol) -> dict:
     """The parameters as NDArrays keyed 'arg:name' / 'aux:name', as MXNet saves and loads them."""
-    import mxnet as mx
-
     aux = graph.aux_names(symbol)
     return {("aux:" if k in aux else "arg:") + k: mx.nd.array(v, dtype=v.dtype) for k, v in graph.params.items()}
 
 
-def to_block(graph: Graph, ctx=None):
-    """A SymbolBlock computing `graph`, with its parameters loaded on `ctx`."""
-    import mxnet as mx
-
-    ctx = ctx or mx.cpu()
+def to_block(graph: Graph, ctx=None, params: mx.gluon.ParameterDict | None = None):
+    """A SymbolBlock computing `graph`. Without `params` its parameters are loaded from the
+    graph on `ctx`; with a ParameterDict the block shares those Parameter objects instead
+    (how QuantizedNet's emissions share one set of weights)."""
     symbol = graph.to_symbol()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        block = mx.gluon.SymbolBlock(symbol, [mx.sym.var(n) for n in graph.input_names])
-    arrays = _prefixed_arrays(graph, symbol)
-    block.collect_params().load_dict(arrays, ctx=ctx, cast_dtype=True, dtype_source="saved")
+        block = mx.gluon.SymbolBlock(symbol, [mx.sym.var(n) for n in graph.input_names], params=params)
+    if params is None:
+        block.collect_params().load_dict(_prefixed_arrays(graph, symbol), ctx=ctx or mx.cpu(), cast_dtype=True,
+                                         dtype_source="saved")
     return block
 
 
-def ensure_writable_folder(prefix) -> Path:
-    folder = Path(prefix).parent if str(Path(prefix).parent) else Path(".")
-    if not folder.is_dir():
-        raise GraphError(f"output folder '{folder}' does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise GraphError(f"output folder '{folder}' is not writable")
-    return folder
-
-
-def write_text_atomic(path, text: str) -> None:
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def evaluate(graph: Graph, tensors) -> list[np.ndarray]:
+    """The values of `tensors` (TensorRefs or node names) that depend on parameters only, such
+    as quantized weights, computed by MXNet (inference mode) as the graph would compute them."""
+    sub = graph.copy()
+    sub.set_outputs(tensors).cleanup()
+    needed = [n for n in sub.input_names if sub.consumers(n)]
+    if needed:
+        raise GraphError(f"cannot evaluate {list(tensors)[:3]}: they depend on the graph inputs {needed}")
+    symbol = sub.to_symbol()
+    aux = set(symbol.list_auxiliary_states())
+    arrays = {k: mx.nd.array(v, dtype=v.dtype) for k, v in sub.params.items()}
+    executor = symbol.bind(mx.cpu(), args={k: v for k, v in arrays.items() if k not in aux},
+                           aux_states={k: v for k, v in arrays.items() if k in aux}, grad_req="null")
+    return [out.asnumpy() for out in executor.forward(is_train=False)]
 
 
 def save(graph: Graph, prefix, epoch: int = 0) -> tuple[Path, Path]:
     """Write `prefix-symbol.json` and `prefix-EEEE.params` atomically; returns both paths."""
-    import mxnet as mx
-
-    ensure_writable_folder(prefix)
     symbol_path = Path(f"{prefix}-symbol.json")
     params_path = Path(f"{prefix}-{epoch:04d}.params")
     text = graph.to_json()
     arrays = _prefixed_arrays(graph, graph.to_symbol())
-    temps = []
-    try:
-        for target in (symbol_path, params_path):
-            handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-            os.close(handle)
-            temps.append(tmp)
-        Path(temps[0]).write_text(text)
-        mx.nd.save(temps[1], arrays)
-        os.replace(temps[1], params_path)
-        os.replace(temps[0], symbol_path)
-    except OSError as err:
-        raise GraphError(f"cannot write {symbol_path} and {params_path.name}: {err.strerror or err}") from None
-    finally:
-        for tmp in temps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    # the params file before the symbol: a reader never sees a new symbol with old params
+    write_files_atomic({params_path: lambda tmp: mx.nd.save(tmp, arrays), symbol_path: text})
     return symbol_path, params_path
 
 
+def export_block(block, prefix) -> tuple[Path, Path]:
+    """HybridBlock.export, but atomic and with the caller's file mode."""
+    targets = (Path(f"{prefix}-symbol.json"), Path(f"{prefix}-0000.params"))
+    with tempfile.TemporaryDirectory(prefix="qgraph-export-") as staging:
+        staged = os.path.join(staging, "block")
+        block.export(staged)
+        write_files_atomic({targets[1]: Path(f"{staged}-0000.params").read_bytes(),
+                            targets[0]: Path(f"{staged}-symbol.json").read_text()})
+    return targets
+
+
+# ---------------------------------------------------------------------- atomic writes
+def _umask() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc: read it by setting it, then put it back
+    os.umask(mask)
+    return mask
+
+
+def check_output_prefix(prefix) -> None:
+    """GraphError unless files `prefix*` could be written: the deepest existing folder on the
+    way must be a writable folder. Creates nothing (write_files_atomic makes folders)."""
+    folder = Path(prefix).parent if str(Path(prefix).parent) else Path(".")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise GraphError(f"cannot write under '{folder}': '{existing}' is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise GraphError(f"cannot write under '{folder}': '{existing}' is not writable")
+
+
+def write_files_atomic(contents: Mapping[Path, FileContent]) -> tuple[Path, ...]:
+    """Write every path -> content so that either all files are replaced or none is.
+
+    Each goes to a temporary file in its folder first and the renames happen, in the given
+    order, only once all are written. Missing folders are created at that point and removed
+    again if anything fails. Files get mode 0666 minus the umask, as open() gives."""
+    contents = {Path(p): c for p, c in contents.items()}
+    for path in contents:
+        check_output_prefix(path)
+    created: list[Path] = []
+    temps: dict[Path, str] = {}
+    mode = 0o666 & ~_umask()
+    try:
+        for path in contents:
+            created += _make_folders(path.parent)
+        for path, content in contents.items():
+            handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            temps[path] = tmp
+            with os.fdopen(handle, "wb") as stream:
+                if isinstance(content, (bytes, bytearray)):
+                    stream.write(content)
+                elif isinstance(content, str):
+                    stream.write(content.encode())
+            if callable(content):
+                content(tmp)
+            os.chmod(tmp, mode)
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+    except OSError as err:
+        raise GraphError(f"cannot write {', '.join(str(p) for p in contents)}: {err.strerror or err}") from None
+    finally:
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        if any(not p.exists() for p in contents):
+            for folder in reversed(created):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+    return tuple(contents)
+
+
+def write_atomic(path, content: FileContent) -> Path:
+    """write_files_atomic for one file."""
+    return write_files_atomic({Path(path): content})[0]
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; returns those created, outermost first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir()
+    return list(reversed(missing))
+
+
+# ---------------------------------------------------------------------- input shapes
 _SPATIAL_GUESSES = (224, 32, 28, 299, 64, 96, 112, 128, 256, 331)
 
 
@@ -245,8 +344,6 @@ def guess_input_shapes(graph: Graph) -> dict:
     declares none: channels from the first layer's weight, spatial sizes tried in turn.
     Returns {} when nothing can be guessed; raises GraphError naming the parameter when
     no guess fits the stored parameters."""
-    from . import attrs as A
-
     if len(graph.input_names) != 1:
         return {}
     name = graph.input_names[0]
@@ -279,15 +376,3 @@ def guess_input_shapes(graph: Graph) -> dict:
     raise GraphError(f"parameter '{param}' has shape {tuple(graph.params[param].shape)} but {users[:2]} "
                      f"needs {inferred.get(param)} (input shape guessed as {candidate}; "
                      "pass the real input shape (--input-shape) if that is wrong)")
-
-
-def export_block(block, prefix) -> tuple[Path, Path]:
-    """HybridBlock.export, but atomic: export beside the target, then rename both files."""
-    folder = ensure_writable_folder(prefix)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as staging:
-        staged = os.path.join(staging, "block")
-        block.export(staged)
-        targets = (Path(f"{prefix}-symbol.json"), Path(f"{prefix}-0000.params"))
-        os.replace(f"{staged}-0000.params", targets[1])
-        os.replace(f"{staged}-symbol.json", targets[0])
-    return targets

@@ -7,8 +7,11 @@ from __future__ import annotations
 import ctypes
 from functools import lru_cache
 
+import mxnet as mx
+from mxnet.base import _LIB, SymbolHandle, c_str, c_str_array, check_call, mx_uint
+
 from . import attrs as A
-from .errors import GraphError
+from .errors import GraphError, mxnet_error_line
 
 # Outputs MXNet hides from list_outputs() but that a graph may still read.
 _HIDDEN_OUTPUTS = {"BatchNorm": 3, "Dropout": 2, "LRN": 2, "SyncBatchNorm": 3, "LayerNorm": 3, "GroupNorm": 3}
@@ -25,9 +28,6 @@ _POSITIVE_TUPLES = {
 @lru_cache(maxsize=4096)
 def arity(op: str, attr_items: tuple) -> tuple[int, int]:
     """(inputs, outputs) of `op` with these attributes, as MXNet composes it."""
-    import mxnet as mx
-    from mxnet.base import _LIB, SymbolHandle, c_str, c_str_array, check_call, mx_uint
-
     try:
         op_handle = ctypes.c_void_p()
         check_call(_LIB.NNGetOpHandle(c_str(op), ctypes.byref(op_handle)))
@@ -40,8 +40,6 @@ def arity(op: str, attr_items: tuple) -> tuple[int, int]:
         symbol._compose(name="probe")
         return len(symbol.list_inputs()), max(len(symbol.list_outputs()), _HIDDEN_OUTPUTS.get(op, 0))
     except mx.base.MXNetError as err:
-        from .graph import mxnet_error_line
-
         raise GraphError(f"operator {op} cannot be built with these attributes: {mxnet_error_line(err)}") from None
 
 

@@ -3,7 +3,9 @@
 A pass is an object with `name`, `requires` (names of passes that must run
 earlier in the same pipeline) and `run(graph, ctx) -> graph`. Passes never print
 or time themselves: they append to `ctx.report`, and instruments (timing,
-verification, dumps) hook `run_before` / `run_after` / `should_run`.
+checking, dumps) hook `run_before` / `run_after` / `should_run`. By default the
+PassManager lints the graph (Graph.lint: structure, pure Python) before the first
+pass and after each; `verify=True` adds MXNet's operator and shape checks.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, Sequence
 
+from . import viz
 from .errors import PassError, QGraphError
 from .graph import Graph
 
@@ -97,8 +100,15 @@ class TimingInstrument(Instrument):
         ctx.report.timings[pass_.name] = time.perf_counter() - self._start
 
 
+class LintInstrument(Instrument):
+    """Runs Graph.lint() (structure only, no MXNet) after each pass."""
+
+    def run_after(self, pass_, graph, ctx):
+        graph.lint()
+
+
 class VerifyInstrument(Instrument):
-    """Runs Graph.verify() after each pass."""
+    """Runs Graph.verify() (lint plus MXNet's operator and shape checks) after each pass."""
 
     def run_after(self, pass_, graph, ctx):
         graph.verify()
@@ -143,9 +153,6 @@ class DumpInstrument(Instrument):
         self._dump(graph, pass_.name, inserted, changed)
 
     def _dump(self, graph, label, inserted, changed):
-        from . import viz
-
-        self.folder.mkdir(parents=True, exist_ok=True)
         stem = self.folder / f"{self.count:02d}_{label}"
         viz.write(graph, stem, inserted=inserted, changed=changed, formats=self.formats,
                   title=f"after {label}" if self.count else "input graph")
@@ -153,16 +160,19 @@ class DumpInstrument(Instrument):
 
 
 class PassManager:
-    """Runs passes in order on a copy of the graph. `verify=True` checks the graph before the
-    first pass and after each (as VerifyInstrument). Failures become PassError naming the pass
-    and the passes that ran before it."""
+    """Runs passes in order on a copy of the graph. The graph is checked before the first pass
+    and after each: with Graph.lint() by default, with Graph.verify() when `verify`, not at
+    all when both are off. Failures become PassError naming the pass and the passes that ran
+    before it."""
 
-    def __init__(self, passes: Sequence[Pass], instruments: Sequence[Instrument] = (), verify: bool = True):
+    def __init__(self, passes: Sequence[Pass], instruments: Sequence[Instrument] = (), verify: bool = False,
+                 lint: bool = True):
         self.passes = list(passes)
         self.instruments = list(instruments)
-        if verify and not any(isinstance(i, VerifyInstrument) for i in self.instruments):
-            self.instruments.append(VerifyInstrument())
-        self.verify = verify
+        self.check = "verify" if verify else ("lint" if lint else None)
+        checker = {"verify": VerifyInstrument, "lint": LintInstrument}.get(self.check)
+        if checker is not None and not any(isinstance(i, checker) for i in self.instruments):
+            self.instruments.append(checker())
         self._check_requires()
 
     def _check_requires(self):
@@ -177,11 +187,11 @@ class PassManager:
     def run(self, graph: Graph, config=None, ctx: PassContext | None = None) -> tuple[Graph, Report]:
         ctx = ctx or PassContext(config=config)
         graph = graph.copy()
-        if self.verify:
+        if self.check is not None:
             try:
-                graph.verify()
+                graph.verify() if self.check == "verify" else graph.lint()
             except QGraphError as err:
-                raise PassError(f"input graph fails verification before any pass: {err}") from None
+                raise PassError(f"input graph fails {self.check} before any pass: {err}") from None
         for instrument in self.instruments:
             instrument.run_begin(graph, ctx)
         ran: list[str] = []

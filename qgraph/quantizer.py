@@ -12,10 +12,9 @@ Training form ("ste"): out = BlockGrad(Q) + (c - BlockGrad(c)) with c the clippe
 input (or W), which is exactly Q in the forward pass and has gradient 1 inside the
 clip range and 0 outside (straight-through estimator). The evaluation form is Q alone.
 
-Every node of a fake-quant subgraph carries the hidden attribute `__qgraph_fq__`
-(= its id); the exit node also carries the spec (`__qgraph_spec__`, JSON). MXNet keeps
-`__*__` attributes through save and load, so an exported graph can be taken apart again
-with `strip_fake_quant`.
+Every node of a fake-quant subgraph carries the hidden attribute FQ_TAG (= its id); the
+exit node also carries the spec (SPEC_TAG, JSON), see qgraph.tags, so an exported graph can
+be taken apart again with `strip_fake_quant`.
 """
 from __future__ import annotations
 
@@ -25,18 +24,22 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from . import attrs as A
 from . import winograd
-from .analysis import is_non_negative
-from .attrs import get_tuple
 from .errors import GraphError
-from .graph import Graph, TensorRef
+from .graph import Graph, NodeBuilder, TensorRef
+from .signs import is_non_negative
+from .tags import EXCLUDE_TAG, FAKE_BN_TAG, FQ_TAG, SPEC_TAG, WINOGRAD_TAG
 
-FQ_TAG = "__qgraph_fq__"
-SPEC_TAG = "__qgraph_spec__"
-EXCLUDE_TAG = "__qgraph_exclude__"
-FAKE_BN_TAG = "__qgraph_fake_bn__"  # nodes of passes/fake_bn.py; value: the BatchNorm folded
 QUANTIZABLE_OPS = ("Convolution", "Deconvolution", "FullyConnected")
 MIN_SCALE = 1e-30
+
+
+def quantizable_layers(graph: Graph) -> list[str]:
+    """Convolution/Deconvolution/FullyConnected nodes in topological order, but for those kept
+    in float (EXCLUDE_TAG) and the float transforms of a Winograd kernel (WINOGRAD_TAG)."""
+    return [n for n in graph.nodes(QUANTIZABLE_OPS)
+            if EXCLUDE_TAG not in graph.attrs(n) and WINOGRAD_TAG not in graph.attrs(n)]
 
 
 def signed_levels(bits: int) -> int:
@@ -90,27 +93,24 @@ class FakeQuantSpec:
         return cls(**fields)
 
 
-class _Builder:
-    """Adds tagged nodes for one fake-quant subgraph."""
+def _builder(graph: Graph, spec: FakeQuantSpec) -> NodeBuilder:
+    """Adds the tagged nodes of one fake-quant subgraph, named `<spec.id>_<suffix>`."""
+    return graph.builder(spec.id, {FQ_TAG: spec.id})
 
-    def __init__(self, graph: Graph, spec: FakeQuantSpec):
-        self.graph, self.spec = graph, spec
 
-    def op(self, op: str, suffix: str, inputs, **attrs) -> TensorRef:
-        attrs = {k: str(v) for k, v in attrs.items()}
-        attrs[FQ_TAG] = self.spec.id
-        return TensorRef(self.graph.add_node(op, f"{self.spec.id}_{suffix}", inputs, attrs))
+def _scale(node: NodeBuilder, magnitude: TensorRef, levels: int) -> TensorRef:
+    """max(magnitude / levels, MIN_SCALE); the unfloored step is the node `<id>_step`."""
+    step = node("_div_scalar", "step", [magnitude], scalar=float(levels))
+    return node("_maximum_scalar", "scale", [step], scalar=MIN_SCALE)
 
-    def scale(self, magnitude: TensorRef) -> TensorRef:
-        step = self.op("_div_scalar", "step", [magnitude], scalar=float(self.spec.levels))
-        return self.op("_maximum_scalar", "scale", [step], scalar=MIN_SCALE)
 
-    def finish(self, clipped: TensorRef, quantized: TensorRef, ste: bool) -> TensorRef:
-        if not ste:
-            return quantized
-        frozen = self.op("BlockGrad", "frozen", [quantized])
-        passthrough = self.op("elemwise_sub", "passthrough", [clipped, self.op("BlockGrad", "clipped_frozen", [clipped])])
-        return self.op("elemwise_add", "ste", [frozen, passthrough])
+def _straight_through(node: NodeBuilder, clipped: TensorRef, quantized: TensorRef, ste: bool) -> TensorRef:
+    """Q in the forward pass with the gradient of `clipped` (1 inside the clip range)."""
+    if not ste:
+        return quantized
+    frozen = node("BlockGrad", "frozen", [quantized])
+    passthrough = node("elemwise_sub", "passthrough", [clipped, node("BlockGrad", "clipped_frozen", [clipped])])
+    return node("elemwise_add", "ste", [frozen, passthrough])
 
 
 def _tag_exit(graph: Graph, exit_ref: TensorRef, spec: FakeQuantSpec) -> str:
@@ -120,30 +120,29 @@ def _tag_exit(graph: Graph, exit_ref: TensorRef, spec: FakeQuantSpec) -> str:
 
 def add_weight_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True) -> str:
     """layer[slot] <- W   becomes   layer[slot] <- Q(W). Returns the exit node."""
-    build = _Builder(graph, spec)
     target, slot = _weight_slot(graph, spec)
     weight = graph.inputs(target)[slot]
     if not spec.shape:
         if not graph.is_param(weight.node):
             raise GraphError(f"{spec.id}: spec.shape is empty and '{weight.node}' has no stored value to size it")
         spec = dataclasses.replace(spec, shape=tuple(graph.params[weight.node].shape))
-        build.spec = spec
+    node = _builder(graph, spec)
     levels = spec.levels
     # _copy first: oneDNN grouped convolutions re-lay the shared weight in place, and
     # Reshape cannot read that layout ("could not create a primitive descriptor for a reorder")
-    private = build.op("_copy", "copy", [weight])
-    source = winograd.transform_weight(build.op, private, spec.winograd) if spec.winograd else private
-    grouped = build.op("Reshape", "grouped", [source], shape=spec.reshape)
-    magnitude = build.op("max", "absmax", [build.op("abs", "abs", [grouped])], axis=spec.axes, keepdims=True)
-    scale = build.scale(magnitude)
-    integers = build.op("clip", "int", [build.op("round", "round", [build.op("broadcast_div", "div", [grouped, scale])])],
-                        a_min=float(-levels), a_max=float(levels))
-    dequantized = build.op("broadcast_mul", "mul", [integers, scale])
+    private = node("_copy", "copy", [weight])
+    source = winograd.transform_weight(node, private, spec.winograd) if spec.winograd else private
+    grouped = node("Reshape", "grouped", [source], shape=spec.reshape)
+    magnitude = node("max", "absmax", [node("abs", "abs", [grouped])], axis=spec.axes, keepdims=True)
+    scale = _scale(node, magnitude, levels)
+    integers = node("clip", "int", [node("round", "round", [node("broadcast_div", "div", [grouped, scale])])],
+                    a_min=float(-levels), a_max=float(levels))
+    dequantized = node("broadcast_mul", "mul", [integers, scale])
     if spec.winograd:
-        dequantized = winograd.project_weight(build.op, dequantized, spec.winograd)
+        dequantized = winograd.project_weight(node, dequantized, spec.winograd)
     # Reshape to the stored shape: reshape_like fails MXNet's partial shape inference here
-    quantized = build.op("Reshape", "dequant", [dequantized], shape=spec.shape)
-    exit_ref = build.finish(weight, quantized, ste)
+    quantized = node("Reshape", "dequant", [dequantized], shape=spec.shape)
+    exit_ref = _straight_through(node, weight, quantized, ste)
     graph.set_input(target, slot, exit_ref)
     return _tag_exit(graph, exit_ref, spec)
 
@@ -165,20 +164,45 @@ def weight_param(graph: Graph, layer: str) -> str:
     return ref.node
 
 
-def online_threshold(build: _Builder, x: TensorRef) -> TensorRef:
+def weight_grouping(graph: Graph, layer: str, granularity: str) -> tuple[tuple, tuple]:
+    """(reshape, reduced axes) of a layer's weight that give one scale per layer, per group
+    (num_group slices) or per output channel; for FullyConnected group and channel both mean
+    per output unit."""
+    weight = weight_param(graph, layer)
+    if not graph.is_param(weight):
+        raise GraphError(f"weight of '{layer}' ('{weight}') is not a stored parameter; cannot size its scales")
+    shape = graph.params[weight].shape
+    op, groups = graph.op(layer), A.get_int(graph.attrs(layer), "num_group", 1, layer)
+    if granularity == "layer":
+        return (1, -1), (1,)
+    if op == "FullyConnected":
+        return (shape[0], -1), (1,)
+    if granularity == "group":
+        return (groups, -1), (1,)
+    if op == "Deconvolution":  # (C_in, C_out/g, k...): channel j of group i is [i, :, j, :]
+        return (groups, shape[0] // groups, shape[1], -1), (1, 3)
+    return (shape[0], -1), (1,)
+
+
+def weight_spec(graph: Graph, layer: str, bits: int, granularity: str) -> FakeQuantSpec:
+    """The spec of a signed `bits`-bit quantizer of `layer`'s weight at `granularity`."""
+    reshape, axes = weight_grouping(graph, layer, granularity)
+    return FakeQuantSpec("weight", layer, 1, bits, signed=True, granularity=granularity, reshape=reshape, axes=axes,
+                         shape=tuple(graph.params[weight_param(graph, layer)].shape))
+
+
+def online_threshold(graph: Graph, node: NodeBuilder, spec: FakeQuantSpec, x: TensorRef) -> TensorRef:
     """The batch statistic an online input quantizer uses as its threshold, shape (1,)."""
-    spec = build.spec
-    source = build.op("abs", "abs", [x]) if spec.signed else x
-    graph = build.graph
+    source = node("abs", "abs", [x]) if spec.signed else x
     if graph.op(spec.layer) in ("Convolution", "Deconvolution") and \
-            len(get_tuple(graph.attrs(spec.layer), "kernel", (), spec.layer)) == 2:
+            len(A.get_tuple(graph.attrs(spec.layer), "kernel", (), spec.layer)) == 2:
         # NCHW: global max pooling first, about 8x faster than a full `max` on oneDNN tensors
-        source = build.op("Pooling", "spatial_max", [source], kernel=(1, 1), global_pool=True, pool_type="max")
+        source = node("Pooling", "spatial_max", [source], kernel=(1, 1), global_pool=True, pool_type="max")
     if spec.stat == "mean_max":
-        stat = build.op("mean", "batch_stat", [build.op("max", "sample_max", [source], axis=(0,), exclude=True)])
+        stat = node("mean", "batch_stat", [node("max", "sample_max", [source], axis=(0,), exclude=True)])
     else:
-        stat = build.op("max", "batch_stat", [source])
-    return build.op("BlockGrad", "threshold", [build.op("_maximum_scalar", "nonneg", [stat], scalar=0.0)])
+        stat = node("max", "batch_stat", [source])
+    return node("BlockGrad", "threshold", [node("_maximum_scalar", "nonneg", [stat], scalar=0.0)])
 
 
 def add_input_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True,
@@ -188,20 +212,20 @@ def add_input_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True,
     With `threshold_value` (offline only) the threshold is baked into scalar operators:
     same values, but no broadcast operators, whose backward reduces over the whole
     activation and dominates a QAT step; such a graph cannot be re-calibrated."""
-    build = _Builder(graph, spec)
+    node = _builder(graph, spec)
     x = graph.inputs(spec.layer)[spec.slot]
     if threshold_value is not None and not spec.online:
-        return _add_baked_input_fake_quant(build, x, threshold_value, ste), None
+        return _add_baked_input_fake_quant(graph, node, spec, x, threshold_value, ste), None
     if spec.online:
-        threshold = online_threshold(build, x)
+        threshold = online_threshold(graph, node, spec, x)
     else:
         if spec.threshold not in graph.params:
             raise GraphError(f"{spec.id}: threshold parameter '{spec.threshold}' has no value")
         threshold = TensorRef(spec.threshold)
-    scale = build.scale(threshold)
+    scale = _scale(node, threshold, spec.levels)
     step = TensorRef(f"{spec.id}_step")  # T / L before the MIN_SCALE floor: T = 0 gives exact zeros
-    integers = _integers(build, build.op("broadcast_div", "div", [x, scale]), x, ste)
-    quantized = build.op("broadcast_mul", "dequant", [integers, step])
+    integers = _integers(graph, node, spec, node("broadcast_div", "div", [x, scale]), x, ste)
+    quantized = node("broadcast_mul", "dequant", [integers, step])
     graph.set_input(spec.layer, spec.slot, quantized)
     return _tag_exit(graph, quantized, spec), (threshold if spec.online else None)
 
@@ -212,29 +236,39 @@ def add_input_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True,
 _ROUNDING_MAGIC = 12582912.0
 
 
-def _add_baked_input_fake_quant(build: _Builder, x: TensorRef, threshold: float, ste: bool) -> str:
-    spec = build.spec
+def _add_baked_input_fake_quant(graph: Graph, node: NodeBuilder, spec: FakeQuantSpec, x: TensorRef,
+                                threshold: float, ste: bool) -> str:
     step = np.float32(threshold) / np.float32(spec.levels)  # the graph form's float32 arithmetic
     scale = float(np.maximum(step, np.float32(MIN_SCALE)))
-    integers = _integers(build, build.op("_div_scalar", "div", [x], scalar=scale), x, ste)
-    quantized = build.op("_mul_scalar", "dequant", [integers], scalar=float(step))
-    build.graph.set_input(spec.layer, spec.slot, quantized)
-    return _tag_exit(build.graph, quantized, spec)
+    integers = _integers(graph, node, spec, node("_div_scalar", "div", [x], scalar=scale), x, ste)
+    quantized = node("_mul_scalar", "dequant", [integers], scalar=float(step))
+    graph.set_input(spec.layer, spec.slot, quantized)
+    return _tag_exit(graph, quantized, spec)
 
 
-def _integers(build: _Builder, scaled: TensorRef, x: TensorRef, ste: bool) -> TensorRef:
+def _integers(graph: Graph, node: NodeBuilder, spec: FakeQuantSpec, scaled: TensorRef, x: TensorRef,
+              ste: bool) -> TensorRef:
     """round(clip(x / s, lo, L)): equal to the contract's round(clip(x, lo*s, T) / s), in fewer
     passes over the activation, which is what a QAT step spends its quantization time on."""
-    spec = build.spec
     value = scaled
-    if spec.signed or not is_non_negative(build.graph, x):  # after a ReLU the lower clip is a no-op
-        value = build.op("_maximum_scalar", "lower", [value], scalar=float(-spec.levels if spec.signed else 0))
-    value = build.op("_minimum_scalar", "clip", [value], scalar=float(spec.levels))  # `clip` is 4x slower
+    if spec.signed or not is_non_negative(graph, x):  # after a ReLU the lower clip is a no-op
+        value = node("_maximum_scalar", "lower", [value], scalar=float(-spec.levels if spec.signed else 0))
+    value = node("_minimum_scalar", "clip", [value], scalar=float(spec.levels))  # `clip` is 4x slower
     if not ste:
-        return build.op("round", "round", [value])
+        return node("round", "round", [value])
     # training form: ties round to even here, half away from zero in the evaluation form
-    shifted = build.op("_plus_scalar", "shift", [value], scalar=_ROUNDING_MAGIC)
-    return build.op("_minus_scalar", "round", [shifted], scalar=_ROUNDING_MAGIC)
+    shifted = node("_plus_scalar", "shift", [value], scalar=_ROUNDING_MAGIC)
+    return node("_minus_scalar", "round", [shifted], scalar=_ROUNDING_MAGIC)
+
+
+def spec_feeding(graph: Graph, layer: str, slot: int) -> FakeQuantSpec | None:
+    """The spec of the fake-quant subgraph feeding `layer[slot]`, if any."""
+    inputs = graph.inputs(layer)
+    if slot >= len(inputs):
+        return None
+    text = graph.attrs(inputs[slot].node).get(SPEC_TAG)
+    spec = FakeQuantSpec.from_json(text) if text else None
+    return spec if spec is not None and spec.layer == layer and spec.slot == slot else None
 
 
 def fake_quant_specs(graph: Graph) -> list[FakeQuantSpec]:

@@ -18,11 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import attrs as A
-from .analysis import is_non_negative
-from .graph import Graph, TensorRef
-from .quantizer import EXCLUDE_TAG, QUANTIZABLE_OPS
+from .graph import Graph, NodeBuilder, TensorRef
+from .quantizer import quantizable_layers
+from .signs import is_non_negative
+from .tags import TAP_TAG
 
-TAP_TAG = "__qgraph_tap__"
 REDUCTIONS = ("max", "min")
 
 
@@ -45,9 +45,10 @@ def add_taps(graph: Graph, layers=None, reductions=REDUCTIONS, histograms=None) 
     tapped = []
     for key, tensor in observed_tensors(graph, layers).items():
         for kind in reductions:
-            graph.outputs.append(_reduction(graph, tensor, key, kind))
+            graph.add_output(_reduction(graph, tensor, key, kind))
         if key in histograms:
-            graph.outputs.extend(_histogram(graph, tensor, key, histograms[key]))
+            for ref in _histogram(graph, tensor, key, histograms[key]):
+                graph.add_output(ref)
         tapped.append(key)
     return tapped
 
@@ -59,7 +60,7 @@ def tensor_key(tensor: TensorRef) -> str:
 def observed_tensors(graph: Graph, layers=None) -> dict[str, TensorRef]:
     """key -> tensor for the data input of each layer, in topological order, deduplicated."""
     if layers is None:
-        layers = [n for n in graph.nodes(QUANTIZABLE_OPS) if EXCLUDE_TAG not in graph.attrs(n)]
+        layers = quantizable_layers(graph)
     tensors = {}
     for layer in layers:
         tensor = graph.inputs(layer)[0]
@@ -67,8 +68,9 @@ def observed_tensors(graph: Graph, layers=None) -> dict[str, TensorRef]:
     return tensors
 
 
-def _tag(key: str, kind: str) -> dict:
-    return {TAP_TAG: f"{key}|{kind}"}
+def _builder(graph: Graph, tensor: TensorRef, key: str, kind: str) -> NodeBuilder:
+    """Adds the nodes of one tap, named `<tensor>_tap_<kind>_<suffix>`, tagged "<key>|<kind>"."""
+    return graph.builder(f"{tensor.node}_tap_{kind}", {TAP_TAG: f"{key}|{kind}"})
 
 
 def _is_image_batch(graph: Graph, tensor: TensorRef) -> bool:
@@ -78,28 +80,25 @@ def _is_image_batch(graph: Graph, tensor: TensorRef) -> bool:
                for reader, slot in graph.consumers(tensor))
 
 
-def _global(graph: Graph, tensor: TensorRef, stem: str, pool_type: str, tag: dict, image_batch: bool) -> TensorRef:
+def _global(node: NodeBuilder, tensor: TensorRef, pool_type: str, image_batch: bool) -> TensorRef:
     """max or sum of every element of `tensor`, shape (1,), via global pooling: straight on an
     NCHW tensor (`image_batch`: it keeps oneDNN's blocked layout, which a Reshape would first
     convert), otherwise over a (N, 1, 1, -1) view."""
-    view = tensor
-    if not image_batch:
-        view = TensorRef(graph.add_node("Reshape", f"{stem}_view", [tensor], {"shape": "(0, 1, 1, -1)", **tag}))
-    pooled = graph.add_node("Pooling", f"{stem}_pool", [view],
-                            {"kernel": "(1, 1)", "global_pool": "True", "pool_type": pool_type, **tag})
-    return TensorRef(graph.add_node(pool_type if pool_type == "max" else "sum", stem, [pooled], tag))
+    view = tensor if image_batch else node("Reshape", "view", [tensor], shape="(0, 1, 1, -1)")
+    pooled = node("Pooling", "pool", [view], kernel="(1, 1)", global_pool="True", pool_type=pool_type)
+    return node(pool_type if pool_type == "max" else "sum", "all", [pooled])
 
 
 def _reduction(graph: Graph, tensor: TensorRef, key: str, kind: str) -> TensorRef:
-    stem = f"{tensor.node}_tap_{kind}"
+    node = _builder(graph, tensor, key, kind)
     image_batch = _is_image_batch(graph, tensor)
     if kind == "max":
-        return _global(graph, tensor, stem, "max", _tag(key, kind), image_batch)
+        return _global(node, tensor, "max", image_batch)
     if is_non_negative(graph, tensor):
-        return TensorRef(graph.add_node("_zeros", stem, [], {"shape": "(1,)", **_tag(key, kind)}))
-    negated = TensorRef(graph.add_node("negative", f"{stem}_neg", [tensor], _tag(key, "neg")))
-    largest_negated = _global(graph, negated, f"{stem}_negmax", "max", _tag(key, "negmax"), image_batch)
-    return TensorRef(graph.add_node("negative", stem, [largest_negated], _tag(key, kind)))
+        return node("_zeros", "const", [], shape="(1,)")
+    largest_negated = _global(_builder(graph, tensor, key, "negmax"),
+                              _builder(graph, tensor, key, "neg")("negative", "x", [tensor]), "max", image_batch)
+    return node("negative", "value", [largest_negated])
 
 
 def tap_kind(graph: Graph, ref: TensorRef) -> str:
@@ -111,16 +110,14 @@ def _histogram(graph: Graph, tensor: TensorRef, key: str, tap: HistogramTap) -> 
     """Counts, edges (MXNet's histogram must write them) and, for relu/abs sources, the number of
     exact zeros. BlockGrad on both histogram outputs: _histogram has no gradient, and a
     SymbolBlock builds its backward graph up front."""
-    stem = f"{tensor.node}_tap_hist"
     source, taps = tensor, []
     if tap.source in ("relu", "abs") and not is_non_negative(graph, tensor):
-        source = TensorRef(graph.add_node(tap.source, f"{stem}_{tap.source}", [tensor], _tag(key, tap.source)))
+        source = _builder(graph, tensor, key, tap.source)(tap.source, "x", [tensor])
     if tap.source in ("relu", "abs") and tap.count_zeros:
-        is_zero = TensorRef(graph.add_node("_equal_scalar", f"{stem}_is_zero", [source],
-                                           {"scalar": "0.0", **_tag(key, "is_zero")}))
-        taps.append(_global(graph, is_zero, f"{stem}_zeros", "sum", _tag(key, "zeros"), _is_image_batch(graph, tensor)))
-    node = graph.add_node("_histogram", stem, [source],
-                          {"bin_cnt": tap.bins, "range": f"({tap.low!r}, {tap.high!r})", **_tag(key, "histogram")})
-    counts = graph.add_node("BlockGrad", f"{stem}_counts", [TensorRef(node, 0)], _tag(key, "hist"))
-    edges = graph.add_node("BlockGrad", f"{stem}_edges", [TensorRef(node, 1)], _tag(key, "hist_edges"))
-    return [TensorRef(counts), TensorRef(edges)] + taps
+        is_zero = _builder(graph, tensor, key, "is_zero")("_equal_scalar", "x", [source], scalar="0.0")
+        taps.append(_global(_builder(graph, tensor, key, "zeros"), is_zero, "sum", _is_image_batch(graph, tensor)))
+    counted = _builder(graph, tensor, key, "histogram")("_histogram", "x", [source], bin_cnt=tap.bins,
+                                                        range=f"({tap.low!r}, {tap.high!r})")
+    counts = _builder(graph, tensor, key, "hist")("BlockGrad", "counts", [TensorRef(counted.node, 0)])
+    edges = _builder(graph, tensor, key, "hist_edges")("BlockGrad", "edges", [TensorRef(counted.node, 1)])
+    return [counts, edges] + taps

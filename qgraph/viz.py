@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .graph import Graph
-from .io import write_text_atomic
+from .io import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +66,13 @@ def write(graph: Graph, stem, inserted=(), changed=(), formats=("svg",), title: 
     """Write `stem.dot` and, if `dot` is installed, `stem.<fmt>` for each format."""
     stem = Path(stem)
     dot_path = stem.with_suffix(".dot")
-    write_text_atomic(dot_path, to_dot(graph, inserted, changed, title))
+    write_atomic(dot_path, to_dot(graph, inserted, changed, title))
     written = [dot_path]
     dot = shutil.which("dot")
     if dot is None:
         log.info("graphviz 'dot' not found: wrote %s only", dot_path)
         return written
     for fmt in formats:
-        target = stem.with_suffix(f".{fmt}")
-        subprocess.run([dot, f"-T{fmt}", str(dot_path), "-o", str(target)], check=True,
-                       capture_output=True, timeout=300)
-        written.append(target)
+        rendered = subprocess.run([dot, f"-T{fmt}", str(dot_path)], check=True, capture_output=True, timeout=300)
+        written.append(write_atomic(stem.with_suffix(f".{fmt}"), rendered.stdout))
     return written

@@ -12,17 +12,22 @@ be scaled if its row of B^T is divided by the same factor: the row of the point 
 which gives exactly the seed's G matrices (hey-yahei/Quantization.MXNet, wino_matrix.py) and
 ncnn's / wincnn's. The matrices are built exactly with fractions and returned in float64.
 
-The graph helpers add stock MXNet operators through an `op(op_name, suffix, inputs, **attrs)`
-callable (qgraph.quantizer._Builder.op), so each rewrite tags its nodes its own way.
+The graph helpers add stock MXNet operators through a qgraph.graph.NodeBuilder (any callable
+`node(op_name, suffix, inputs, **attrs) -> TensorRef`), so each caller tags its nodes its own
+way; `build_kernel` replaces a 3x3 stride-1 convolution by the whole float Winograd kernel.
 """
 from __future__ import annotations
 
 from fractions import Fraction
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
+from . import attrs as A
 from .errors import ConfigError
+from .graph import Graph, NodeBuilder, TensorRef
+from .tags import WINOGRAD_PRODUCT_TAG, WINOGRAD_TAG
 
 TILES = ("F23", "F43", "F63")
 _POINTS = {
@@ -131,3 +136,103 @@ def transform_weight(op, weight, tile: str):
 def project_weight(op, transformed, tile: str):
     """g = G^+ U G^+^T for every n x n tile of `transformed`: shape (-1, 3, 3)."""
     return sandwich(op, transformed, pseudo_inverse(tile), f"wino_{tile}_pinv")
+
+
+class Kernel(NamedTuple):
+    """A convolution rewritten as its Winograd kernel: `padded` reads the layer's input (where
+    its input quantizer goes), `product` is the grouped 1x1 convolution V . U over the
+    transformed tiles (whose data input is V and whose weight is U), `dims` = (n, c_out,
+    groups, c_in per group)."""
+
+    padded: str
+    product: str
+    dims: tuple
+
+
+def build_kernel(graph: Graph, layer: str, tile: str) -> Kernel:
+    """conv(x, W, b)  =>  the float Winograd kernel of `tile` in stock operators, nodes named
+    `<layer>_wino_<suffix>` and tagged WINOGRAD_TAG = layer (`product`: WINOGRAD_PRODUCT_TAG). x is padded and cut into n x n
+    tiles that two grouped convolutions transform, V = B^T d B; the weights are transformed,
+    U = G W G^T; the element-wise products summed over input channels are one grouped 1x1
+    convolution (`product`, one group per tile position and convolution group); a grouped
+    Deconvolution applies A^T . A and the bias, and the result is cropped to the
+    convolution's output. Differs from the direct convolution by float rounding only."""
+    attrs = graph.attrs(layer)
+    x, weight, *bias = graph.inputs(layer)
+    if not graph.is_param(weight.node):
+        raise ConfigError(f"{layer}: the Winograd kernel needs a stored weight, '{weight.node}' is computed")
+    w_shape = graph.params[weight.node].shape
+    # the weight no longer feeds a Convolution, from which MXNet used to infer its shape
+    graph.set_attr(weight.node, "__shape__", A.format_tuple(w_shape))
+    groups = A.get_int(attrs, "num_group", 1, layer)
+    c_out, c_in_g = w_shape[0], w_shape[1]
+    c_in = c_in_g * groups
+    m, n = output_size(tile), input_size(tile)
+    _, BT, AT = matrices(tile)
+    pad_h, pad_w = (tuple(A.get_tuple(attrs, "pad", (0, 0), layer)) or (0, 0))
+    node = graph.builder(f"{layer}_wino", {WINOGRAD_TAG: layer})
+    # the product is a layer in its own right, quantized like any other: not a float transform
+    product_node = graph.builder(f"{layer}_wino", {WINOGRAD_PRODUCT_TAG: layer})
+
+    def kernel(suffix: str, value: np.ndarray, copies: int) -> TensorRef:
+        """A constant convolution kernel, `value` tiled `copies` times along the first axis."""
+        return node("tile", suffix, [constant(node, f"{suffix}_const", value)], reps=(copies,) + (1,) * (value.ndim - 1))
+
+    # input tiles: m - 1 extra rows and columns at the bottom and right give ceil(out / m) whole tiles
+    padded = node("Pad", "pad", [x], mode="constant", constant_value=0.0,
+                  pad_width=(0, 0, 0, 0, pad_h, pad_h + m - 1, pad_w, pad_w + m - 1))
+    rows = node("Convolution", "in_rows", [padded, kernel("bt_rows", BT.reshape(n, 1, n, 1), c_in)],
+                kernel=(n, 1), stride=(m, 1), num_filter=c_in * n, num_group=c_in, no_bias=True)
+    tiles = node("Convolution", "in_tiles", [rows, kernel("bt_cols", BT.reshape(n, 1, 1, n), c_in * n)],
+                 kernel=(1, n), stride=(1, m), num_filter=c_in * n * n, num_group=c_in * n, no_bias=True)
+    v = _regroup(node, tiles, c_in, n * n, "tiles_by_position")            # channels (a, b, c)
+
+    transformed = transform_weight(node, weight, tile)                     # (c_out * c_in_g, n, n)
+    by_position = node("transpose", "u_swap", [node("Reshape", "u_split", [transformed],
+                                                    shape=(c_out, c_in_g, n * n))], axes=(2, 0, 1))
+    u = node("Reshape", "u", [by_position], shape=(n * n * c_out, c_in_g, 1, 1))   # filters (a, b, o)
+    product = product_node("Convolution", "product", [v, u], kernel=(1, 1), num_filter=n * n * c_out,
+                   num_group=n * n * groups, no_bias=True)
+
+    # A^T M A for every tile and output channel, plus the bias: kernel[(o, a, b), 0, p, q] = A^T[p, a] A^T[q, b]
+    pairs = kernel("at_pairs", np.einsum("pa,qb->abpq", AT, AT).reshape(n * n, 1, m, m), c_out)
+    out_tiles = node("Deconvolution", "out_tiles",
+                     [_regroup(node, product, n * n, c_out, "products_by_channel"), pairs] + bias,
+                     kernel=(m, m), stride=(m, m), num_filter=c_out, num_group=c_out, no_bias=not bias)
+    # the direct convolution's output size from a one-channel slice of the padded input
+    reference = node("slice_axis", "ref_c", [padded], axis=1, begin=0, end=1)
+    reference = node("slice_axis", "ref_h", [reference], axis=2, begin=0, end=-(m + 1))
+    reference = node("slice_axis", "ref_w", [reference], axis=3, begin=0, end=-(m + 1))
+    output = node("slice_like", "out", [out_tiles, reference], axes=(2, 3))
+    graph.replace_node(layer, output.node)
+    return Kernel(padded.node, product.node, (n, c_out, groups, c_in_g))
+
+
+def _regroup(node: NodeBuilder, x: TensorRef, outer: int, inner: int, suffix: str) -> TensorRef:
+    """NCHW channels ordered (outer, inner) -> ordered (inner, outer). H and W are merged for
+    the transpose: a 4-D transpose runs about twice as fast as a 5-D one here."""
+    split = node("Reshape", f"{suffix}_split", [x], shape=(0, -4, outer, inner, -3))
+    swapped = node("transpose", f"{suffix}_swap", [split], axes=(0, 2, 1, 3))
+    return node("reshape_like", suffix, [swapped, x])
+
+
+def unsuitable(graph: Graph, layer: str) -> str | None:
+    """Why a Winograd F(m, 3) kernel cannot run `layer`, or None: it must be a 2-D NCHW
+    Convolution with a 3x3 kernel, stride 1 and no dilation."""
+    op, attrs = graph.op(layer), graph.attrs(layer)
+    if op != "Convolution":
+        return f"{op} is not a Convolution"
+    kernel = A.get_tuple(attrs, "kernel", (), layer)
+    if len(kernel) != 2:
+        return f"{len(kernel)}-D convolution; Winograd applies to 2-D 3x3 kernels"
+    if tuple(kernel) != (3, 3):
+        return f"kernel {tuple(kernel)} is not 3x3"
+    stride = A.get_tuple(attrs, "stride", (1, 1), layer) or (1, 1)
+    if tuple(stride) != (1, 1):
+        return f"stride {tuple(stride)} is not 1"
+    dilate = A.get_tuple(attrs, "dilate", (1, 1), layer) or (1, 1)
+    if tuple(dilate) != (1, 1):
+        return f"dilation {tuple(dilate)} is not 1"
+    if attrs.get("layout", "None") not in ("None", "NCHW"):
+        return f"layout {attrs['layout']} is not NCHW"
+    return None

@@ -19,6 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
+import mxnet as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import passes  # noqa: E402
+import qgraph  # noqa: E402
+from qgraph import training  # noqa: E402
+from qgraph.cli import run_reporting_errors  # noqa: E402
+from qgraph.data import calibration_subset, mnist_split  # noqa: E402
+from qgraph.evaluate import top1  # noqa: E402
+
 # (label, QuantConfig fields, calibration mode or None for online thresholds)
 STRATEGIES = [
     ("int8 per-layer, uint8 inputs", dict(weight_bits=8, quant_type="layer"), None),
@@ -43,28 +54,22 @@ def main(argv=None) -> int:
                         help="steps of the int4 QAT row, batch 64 (default: 150; 0 leaves the row out)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    from tqdm import tqdm
+    return run_reporting_errors("demo.py", run, args)
 
-    import qgraph
-    from qgraph.data import class_balanced_subset, mnist_split
-    from qgraph.evaluate import top1
 
-    try:
-        graph = qgraph.load(args.model)
-    except qgraph.QGraphError as err:
-        print(f"demo.py: error: {err}", file=sys.stderr)
-        return 2
+def run(args) -> int:
+    graph = qgraph.load(args.model)
     (train_images, train_labels), (images, labels) = mnist_split()
-    calibration = train_images[class_balanced_subset(train_labels, 20, seed=7)]
-    fp32 = top1(graph.to_block(), images, labels, args.batch_size)
+    calibration = calibration_subset("mnist", per_class=20, seed=7)
+    fp32 = top1(qgraph.to_block(graph), images, labels, args.batch_size)
     rows = []
     for label, fields, calib_mode in tqdm(STRATEGIES, desc="strategies", leave=False):
-        net = qgraph.quantize(graph, qgraph.QuantConfig(**fields))
+        net = passes.quantize(graph, qgraph.QuantConfig(**fields))
         if calib_mode:
             net.calibrate(calibration, calib_mode, batch_size=50, progress=False)
         rows.append((label, top1(net, images, labels, args.batch_size)))
     if args.qat_steps:
-        net = qgraph.quantize(graph, qgraph.QuantConfig(weight_bits=4, input_bits=4, quant_type="channel",
+        net = passes.quantize(graph, qgraph.QuantConfig(weight_bits=4, input_bits=4, quant_type="channel",
                                                         online=False, fake_bn=True))
         net.calibrate(calibration, "percentile", batch_size=50, progress=False)
         quantization_aware_training(net, train_images, train_labels, args.qat_steps)
@@ -81,22 +86,16 @@ def main(argv=None) -> int:
 
 
 def quantization_aware_training(net, images, labels, steps: int, batch_size: int = 64) -> None:
-    """A plain Gluon loop through the fake-quant graph: Adam, learning rate 1e-3 decaying to 0."""
-    import mxnet as mx
-    import numpy as np
-    from mxnet import autograd, gluon
-    from tqdm import tqdm
-
-    schedule = mx.lr_scheduler.CosineScheduler(max_update=steps, base_lr=1e-3, final_lr=0)
-    trainer = gluon.Trainer(net.collect_params(), "adam", {"learning_rate": 1e-3, "lr_scheduler": schedule})
-    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    """The library's QAT loop on random batches: Adam, learning rate 1e-3 decaying to 0."""
     rng = np.random.RandomState(0)
-    for _ in tqdm(range(steps), desc="QAT", leave=False):
-        index = rng.randint(0, len(images), batch_size)
-        with autograd.record():
-            loss = loss_fn(net(mx.nd.array(images[index])), mx.nd.array(labels[index]))
-        loss.backward()
-        trainer.step(batch_size)
+
+    def batches(epoch):
+        for _ in range(steps):
+            index = rng.randint(0, len(images), batch_size)
+            yield mx.nd.array(images[index]), mx.nd.array(labels[index])
+
+    trainer = training.Optimization("adam", 1e-3, wd=0.0, total_steps=steps).trainer(net.collect_params())
+    training.fit(net, trainer, batches, epochs=1, steps_per_epoch=steps, progress=False)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-from qgraph.cli import (add_calib_args, add_model_file_args, add_quant_args, config_from_args,  # noqa: E402
-                        run_reporting_errors)
+import passes  # noqa: E402
+import qgraph  # noqa: E402
+from qgraph.cli import (add_calib_args, add_model_file_args, add_quant_args, calibration_from_args,  # noqa: E402
+                        config_from_args, run_reporting_errors)
+from qgraph.data import load_calibration_data  # noqa: E402
+from qgraph.io import check_output_prefix, guess_input_shapes, model_files, write_atomic  # noqa: E402
+from qgraph.quantizer import fake_quant_specs  # noqa: E402
 
 PROG = "quantize_symbol.py"
 
@@ -64,48 +69,42 @@ def default_out(symbol: str) -> str:
 
 
 def run(args) -> int:
-    import qgraph
-    import passes
-    from qgraph.io import ensure_writable_folder, guess_input_shapes, symbol_and_params_paths, write_text_atomic
-    from qgraph.quantizer import FQ_TAG
-
     if args.calib_mode:
         args.quantize_input_offline = True
         if not args.calib_data:
             raise qgraph.ConfigError("--calib-mode needs --calib-data")
     config = config_from_args(args)
     pipeline = passes.build_pipeline(args.passes) if args.passes else passes.default_pipeline(config)
+    symbol_path, params_path = model_files(args.symbol, args.params)
     out = args.out or default_out(args.symbol)
-    symbol_path, params_path = symbol_and_params_paths(args.symbol, args.params)
-    if not symbol_path.is_file():
-        raise qgraph.GraphError(f"{symbol_path}: no such symbol file")
-    if params_path is None:
-        raise qgraph.GraphError(f"{symbol_path}: no params file beside it; pass --params")
     out_files = {Path(f"{out}-symbol.json").resolve(), Path(f"{out}-0000.params").resolve()}
     if {symbol_path.resolve(), params_path.resolve()} & out_files:
         raise qgraph.ConfigError(f"--out {out} would overwrite the input files; choose another prefix")
-    ensure_writable_folder(out)
-
     graph = qgraph.load_files(symbol_path, params_path, input_names=[args.input_name])
     if args.input_shape:
         graph.input_shapes = {args.input_name: args.input_shape}
     elif not args.no_verify:
         graph.input_shapes = guess_input_shapes(graph)
+    check_output_prefix(out)
     instruments = [qgraph.TimingInstrument()]
     if args.dump_graph:
         instruments.append(qgraph.DumpInstrument(args.dump_graph, formats=args.dump_format.split(",")))
     result, report = qgraph.PassManager(pipeline, instruments, verify=not args.no_verify).run(graph, config)
     thresholds = None
-    if any(FQ_TAG in result.attrs(n) for n in result.nx):
+    if args.calib_mode and fake_quant_specs(result):
         net = qgraph.QuantizedNet(result)
-        if args.calib_mode:
-            thresholds = calibrate_from_args(net, args, graph)
-        written = net.export(out) if thresholds else qgraph.save(result, out)
+        shape = graph.input_shapes.get(args.input_name) or args.input_shape
+        if shape is None:
+            raise qgraph.ConfigError("cannot tell the input shape for reading calibration images; pass --input-shape")
+        images, _ = load_calibration_data(args.calib_data, shape, args.mean, args.std, args.num_sample,
+                                          args.fixed_random_seed)
+        thresholds = calibration_from_args(args).run(net, images, progress=not args.quiet)
+        written = net.export(out)
     else:
         written = qgraph.save(result, out)
     if args.report:
-        write_text_atomic(args.report, json.dumps({"calibration": thresholds or {},
-                                                   "passes": [e._asdict() for e in report.entries]}, indent=2))
+        write_atomic(args.report, json.dumps({"calibration": thresholds or {},
+                                              "passes": [e._asdict() for e in report.entries]}, indent=2))
     if not args.quiet:
         print(report.format())
         if thresholds:
@@ -114,25 +113,11 @@ def run(args) -> int:
     return 0
 
 
-def calibrate_from_args(net, args, graph) -> dict:
-    from qgraph.data import load_calibration_data
-
-    shape = graph.input_shapes.get(args.input_name) or args.input_shape
-    if shape is None:
-        raise qgraph.ConfigError("cannot tell the input shape for reading calibration images; pass --input-shape")
-    images, _ = load_calibration_data(args.calib_data, shape, args.mean, args.std, args.num_sample,
-                                      args.fixed_random_seed)
-    return net.calibrate(images, args.calib_mode, calib_epoch=args.calib_epoch, batch_size=args.calib_batch_size,
-                         percentile=args.percentile, progress=not args.quiet)
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     if argv is None:
         argv = sys.argv[1:]
     if "--list-passes" in argv:
-        import passes
-
         for name, cls in sorted(passes.PASSES.items()):
             print(f"{name:20s} {(cls.__module__ and sys.modules[cls.__module__].__doc__ or '').splitlines()[0]}")
         return 0

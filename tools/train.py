@@ -10,12 +10,12 @@ the latest weights.
 
 QAT (--qat --symbol MODEL-symbol.json): the exported model is rewritten with the
 quantization flags (the same as simulate_quantization.py), input thresholds are
-calibrated by --calib-mode on class-balanced training images (or --calib-data) and then
-kept fixed, and the weights are fine-tuned through the fake-quant graph with
-straight-through gradients. --fake-bn folds BatchNorm
-into the quantized weights (arXiv:1712.05877); --quant-delay and --freeze-bn-after are in
-steps. The export reloads with qgraph.QuantizedNet.load; --fix-params also writes
-PREFIX-fixed-*: BN folded and weights holding their quantized values, for deployment.
+calibrated by --calib-mode on --num-sample class-balanced training images per class (or
+--calib-data) and then kept fixed, and the weights are fine-tuned through the fake-quant
+graph with straight-through gradients. --fake-bn folds BatchNorm into the quantized
+weights (arXiv:1712.05877); --quant-delay and --freeze-bn-after are in steps. The export
+reloads with qgraph.QuantizedNet.load; --fix-params also writes PREFIX-fixed-*: BN folded
+and weights holding their quantized values, for deployment.
 
 How the shipped models were made:
     python tools/train.py --model mnist_cnn --out models/mnist_cnn
@@ -23,7 +23,7 @@ How the shipped models were made:
     python tools/train.py --model mobilenet0.5 --dataset cifar10 --epochs 15 --out models/mobilenet0.5_cifar10
 
 QAT example (4-bit per-channel with fake BN):
-    python tools/train.py --qat --symbol models/cifar_resnet20_v1-symbol.json --weight-bits-width 4 \
+    python tools/train.py --qat --symbol models/cifar_resnet20_v1-symbol.json --weight-bits-width 4 \\
         --input-bits-width 4 --quant-type channel --input-signed auto --fake-bn --epochs 2 --out runs/r20_w4a4
 """
 from __future__ import annotations
@@ -37,14 +37,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
-PROG = "train.py"
+import mxnet as mx  # noqa: E402
+import numpy as np  # noqa: E402
 
-from qgraph.cli import add_calib_args, add_quant_args, config_from_args  # noqa: E402
+import passes  # noqa: E402
+import qgraph  # noqa: E402
+from qgraph import data, models, training  # noqa: E402
+from qgraph.cli import (add_calib_args, add_quant_args, calibration_from_args, config_from_args,  # noqa: E402
+                        run_reporting_errors)
+from qgraph.evaluate import top1  # noqa: E402
+from qgraph.io import check_output_prefix, export_block, model_files, save, to_block  # noqa: E402
+
+PROG = "train.py"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mnist_cnn", help="bundled network or gluoncv model name (default: mnist_cnn)")
     parser.add_argument("--dataset", choices=("mnist", "cifar10"), default=None,
                         help="default: mnist for mnist_cnn, cifar10 otherwise (and for --qat)")
@@ -84,8 +92,7 @@ def parse_args(argv=None):
         parser.error("--qat needs --symbol MODEL-symbol.json (an exported FP32 model)")
     if args.symbol and not args.qat:
         parser.error("--symbol is for --qat; FP32 training builds --model")
-    model = "qat" if args.qat else args.model
-    cifar = (args.dataset or ("mnist" if model == "mnist_cnn" else "cifar10")) == "cifar10"
+    cifar = (args.dataset or ("mnist" if not args.qat and args.model == "mnist_cnn" else "cifar10")) == "cifar10"
     args.dataset = "cifar10" if cifar else "mnist"
     if args.qat:  # fine-tuning: a short, gentle schedule
         args.epochs = args.epochs or 3
@@ -97,174 +104,75 @@ def parse_args(argv=None):
     return args
 
 
-def build_net(name: str):
-    from qgraph import models
-
-    if name in models.BUNDLED:
-        return models.BUNDLED[name]()
-    from gluoncv.model_zoo import get_model
-
-    return get_model(name, classes=10)
-
-
-def batches(args, rng):
-    """Yield (data, label) NDArrays for one epoch of training."""
-    import mxnet as mx
-
-    from qgraph import data as D
-
-    if args.dataset == "mnist":
-        (x_train, y_train), _ = D.mnist_split()
-        order = rng.permutation(len(x_train))
-        for start in range(0, len(order), args.batch_size):
-            index = order[start:start + args.batch_size]
-            yield mx.nd.array(x_train[index]), mx.nd.array(y_train[index])
-    else:
-        iterator = D.cifar10_iter(args.data_dir, "train", args.batch_size, augment=True, seed=int(rng.randint(1 << 30)))
-        for batch in iterator:
-            keep = batch.data[0].shape[0] - batch.pad
-            yield batch.data[0][:keep].as_in_context(mx.cpu()), batch.label[0][:keep].as_in_context(mx.cpu())
-
-
-def contexts(args) -> list:
-    import mxnet as mx
-
-    if args.gpus:
-        return [mx.gpu(int(i)) for i in args.gpus.split(",") if i.strip()]
-    return [mx.cpu(i) for i in range(max(1, args.cpus))]
-
-
 def calibration_images(args):
-    """--num-sample images per class from --calib-data or the training split, chosen with
-    --fixed-random-seed."""
-    from qgraph import data as D
-
     if args.calib_data:
-        shape = (1, 1, 28, 28) if args.dataset == "mnist" else (1, 3, 32, 32)
-        mean, std = (args.mean, args.std) if args.mean or args.dataset == "mnist" else (D.CIFAR10_MEAN, D.CIFAR10_STD)
-        return D.load_calibration_data(args.calib_data, shape, mean, std, args.num_sample, args.fixed_random_seed)[0]
-    if args.dataset == "mnist":
-        (images, labels), _ = D.mnist_split()
-    else:  # the training file is shuffled: its first 10,000 images hold about 1,000 per class
-        images, labels = D.cifar10_arrays(args.data_dir, "train", limit=10000)
-    return images[D.class_balanced_subset(labels, args.num_sample, args.fixed_random_seed)]
+        info = data.dataset_info(args.dataset)
+        mean, std = (args.mean, args.std) if args.mean or args.dataset == "mnist" else (info.mean, info.std)
+        return data.load_calibration_data(args.calib_data, info.input_shape, mean, std, args.num_sample,
+                                          args.fixed_random_seed)[0]
+    return data.calibration_subset(args.dataset, args.data_dir, args.num_sample, args.fixed_random_seed)
 
 
-def model_files(args):
-    """(symbol, params) paths of the model --qat fine-tunes; an error when either is missing."""
-    from qgraph.errors import GraphError
-    from qgraph.io import symbol_and_params_paths
-
-    symbol_path, params_path = symbol_and_params_paths(args.symbol, args.params)
-    if not symbol_path.is_file():
-        raise GraphError(f"{symbol_path}: no such symbol file")
-    if params_path is None:
-        raise GraphError(f"{symbol_path}: no params file beside it; pass --params")
-    return symbol_path, params_path
-
-
-def build_qat_net(args, files, ctx):
-    import qgraph
-
-    config = config_from_args(args).replace(fake_bn=args.fake_bn, online=False)
-    graph = qgraph.load_files(*files)
-    net = qgraph.quantize(graph, config, ctx=ctx[0])
-    logging.info("%s", net.report.format())
-    thresholds = net.calibrate(calibration_images(args), args.calib_mode, calib_epoch=args.calib_epoch,
-                               batch_size=args.calib_batch_size, percentile=args.percentile, progress=True)
-    logging.info("calibrated %d input thresholds (%s)", len(thresholds), args.calib_mode)
+def build(args, ctx):
+    """The network to train: a calibrated QuantizedNet (--qat) or a fresh FP32 HybridBlock."""
+    if args.qat:
+        files = model_files(args.symbol, args.params)  # checked before any data is read
+        net = passes.quantize(qgraph.load_files(*files), config_from_args(args).replace(fake_bn=args.fake_bn,
+                                                                                         online=False), ctx=ctx[0])
+        logging.info("%s", net.report.format())
+        thresholds = calibration_from_args(args).run(net, calibration_images(args))
+        logging.info("calibrated %d input thresholds (%s)", len(thresholds), args.calib_mode)
+        net.collect_params().reset_ctx(ctx)
+        return net
+    net = models.build_network(args.model, classes=10)
+    net.initialize(mx.init.MSRAPrelu(factor_type="in", slope=0), ctx=ctx)
+    net.hybridize()
     return net
+
+
+def run(args) -> int:
+    ctx = [mx.gpu(int(i)) for i in args.gpus.split(",") if i.strip()] or [mx.cpu(i) for i in range(max(1, args.cpus))]
+    mx.random.seed(args.seed)
+    rng = np.random.RandomState(args.seed)
+    check_output_prefix(args.out)
+    if args.dataset == "cifar10":
+        args.data_dir = data.data_dir_for("cifar10", args.data_dir)
+    net = build(args, ctx)
+    test = data.eval_set(args.dataset, args.data_dir)
+    if args.qat:
+        logging.info("before QAT: test top-1 %.4f", top1(net, test.images, test.labels))
+    steps = min(-(-data.train_size(args.dataset) // args.batch_size), args.steps_per_epoch or 1 << 60)
+    optimization = training.Optimization("nag" if args.dataset == "cifar10" else "adam", args.lr, args.wd,
+                                         total_steps=args.epochs * steps)
+    schedule = training.QATSchedule(args.quant_delay, args.freeze_bn_after) if args.qat else None
+    fixed = []
+
+    def after_epoch(epoch):
+        if args.qat:
+            net.enable_quantize()
+            net.quantize_input(True, online=False)
+        logging.info("epoch %d: test top-1 %.4f", epoch + 1, top1(net, test.images, test.labels))
+        if not args.qat:
+            export_block(net, args.out)
+            return
+        net.export(args.out)
+        if args.fix_params:
+            fixed[:] = [passes.fixed_graph(net)]
+            save(fixed[0], f"{args.out}-fixed")
+
+    training.fit(net, optimization.trainer(net.collect_params()), lambda epoch: data.train_batches(
+        args.dataset, args.data_dir, args.batch_size, rng), args.epochs, steps, ctx, schedule, after_epoch)
+    if fixed:
+        logging.info("deployable graph (BN folded, weights fixed): test top-1 %.4f",
+                     top1(to_block(fixed[0]), test.images, test.labels))
+    logging.info("wrote %s-symbol.json and %s-0000.params%s", args.out, args.out, " (and -fixed-*)" if fixed else "")
+    return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    import mxnet as mx
-    import numpy as np
-    from mxnet import autograd, gluon
-    from tqdm import tqdm
-
-    from qgraph import data as D
-    from qgraph.errors import QGraphError
-    from qgraph.evaluate import top1
-    from qgraph.io import ensure_writable_folder, export_block, save, to_block
-
-    ctx = contexts(args)
-    mx.random.seed(args.seed)
-    rng = np.random.RandomState(args.seed)
-    try:
-        ensure_writable_folder(args.out)
-        files = model_files(args) if args.qat else None  # checked before any data is read
-        if args.dataset == "cifar10":
-            args.data_dir = args.data_dir or D.default_cifar10_dir()
-            if args.data_dir is None:
-                raise QGraphError("CIFAR-10 not found in ../shared/data/cifar10; pass --data-dir")
-            x_test, y_test = D.cifar10_arrays(args.data_dir, "test")
-            steps_per_epoch = 50000 // args.batch_size + 1
-        else:
-            _, (x_test, y_test) = D.mnist_split()
-            steps_per_epoch = (4000 + args.batch_size - 1) // args.batch_size
-        if args.qat:
-            net = build_qat_net(args, files, ctx)
-            net.collect_params().reset_ctx(ctx)
-            logging.info("before QAT: test top-1 %.4f", top1(net, x_test, y_test))
-        else:
-            net = build_net(args.model)
-            net.initialize(mx.init.MSRAPrelu(factor_type="in", slope=0), ctx=ctx)
-            net.hybridize()
-    except (QGraphError, FileNotFoundError, ValueError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    steps_per_epoch = min(steps_per_epoch, args.steps_per_epoch or steps_per_epoch)
-    schedule = mx.lr_scheduler.CosineScheduler(max_update=args.epochs * steps_per_epoch, base_lr=args.lr, final_lr=0)
-    optimizer = ("nag", {"momentum": 0.9}) if args.dataset == "cifar10" else ("adam", {})
-    trainer = gluon.Trainer(net.collect_params(), optimizer[0],
-                            {"learning_rate": args.lr, "lr_scheduler": schedule, "wd": args.wd, **optimizer[1]})
-    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-    step = 0
-    for epoch in range(args.epochs):
-        progress = tqdm(batches(args, rng), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
-                        leave=False, mininterval=5)
-        for index, (data, label) in enumerate(progress):
-            if index == steps_per_epoch:
-                break
-            if args.qat:
-                _qat_schedule(net, args, step)
-            data_parts = gluon.utils.split_and_load(data, ctx, even_split=False)
-            label_parts = gluon.utils.split_and_load(label, ctx, even_split=False)
-            with autograd.record():
-                losses = [loss_fn(net(x), y) for x, y in zip(data_parts, label_parts)]
-            autograd.backward(losses)
-            trainer.step(data.shape[0])
-            step += 1
-        progress.close()
-        if args.qat:
-            net.enable_quantize()
-            net.quantize_input(True, online=False)
-        logging.info("epoch %d: test top-1 %.4f", epoch + 1, top1(net, x_test, y_test))
-        if args.qat:
-            net.export(args.out)
-            if args.fix_params:
-                fixed = net.fixed_graph()
-                save(fixed, f"{args.out}-fixed")
-        else:
-            export_block(net, args.out)
-    if args.qat and args.fix_params:
-        logging.info("deployable graph (BN folded, weights fixed): test top-1 %.4f",
-                     top1(to_block(fixed), x_test, y_test))
-    logging.info("wrote %s-symbol.json and %s-0000.params%s", args.out, args.out,
-                 f" (and {args.out}-fixed-*)" if args.qat and args.fix_params else "")
-    return 0
-
-
-def _qat_schedule(net, args, step: int) -> None:
-    """Quantizers off for the first --quant-delay steps; BN frozen from --freeze-bn-after on."""
-    if step < args.quant_delay:
-        net.disable_quantize()
-    else:
-        net.enable_quantize()
-        net.quantize_input(True, online=False)
-    net.freeze_bn(args.freeze_bn_after is not None and step >= args.freeze_bn_after)
+    return run_reporting_errors(PROG, run, args)
 
 
 if __name__ == "__main__":

@@ -36,11 +36,14 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mxnet as mx
 import numpy as np
 
 from .. import attrs as A
-from ..errors import ConfigError, GraphError
+from ..errors import ConfigError, GraphError, mxnet_error_line
+from ..evaluate import predict
 from ..graph import Graph, TensorRef
+from ..io import to_block, write_atomic, write_files_atomic
 
 MAGIC = 7767517
 TAG_FLOAT32 = 0
@@ -82,10 +85,7 @@ class NcnnModel:
 
     def save(self, prefix) -> tuple[Path, Path]:
         """Write PREFIX.param and PREFIX.bin atomically; returns both paths."""
-        from ..io import ensure_writable_folder
-
-        ensure_writable_folder(prefix)
-        return write_files_atomic({Path(f"{prefix}.param"): self.param.encode(), Path(f"{prefix}.bin"): self.bin})
+        return write_files_atomic({Path(f"{prefix}.param"): self.param, Path(f"{prefix}.bin"): self.bin})
 
 
 @dataclass
@@ -123,10 +123,7 @@ class Table:
         return cls(weights, inputs)
 
     def save(self, path) -> Path:
-        from ..io import write_text_atomic
-
-        write_text_atomic(path, self.format())
-        return Path(path)
+        return write_atomic(path, self.format())
 
     @classmethod
     def load(cls, path) -> "Table":
@@ -134,30 +131,6 @@ class Table:
         if not path.is_file():
             raise GraphError(f"{path}: no such calibration table")
         return cls.parse(path.read_text(), str(path))
-
-
-def write_files_atomic(contents: dict) -> tuple:
-    """Write path -> bytes so that either every file is replaced or none is: each goes to a
-    temporary file in its folder first, and the renames happen only once all are written."""
-    import os
-    import tempfile
-
-    temps = {}
-    try:
-        for path, data in contents.items():
-            handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            temps[path] = tmp
-            with os.fdopen(handle, "wb") as stream:
-                stream.write(data)
-        for path, tmp in temps.items():
-            os.replace(tmp, path)
-    except OSError as err:
-        raise GraphError(f"cannot write {', '.join(str(p) for p in contents)}: {err.strerror or err}") from None
-    finally:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return tuple(contents)
 
 
 # ---------------------------------------------------------------------- scales
@@ -424,14 +397,10 @@ _HANDLERS = {op: getattr(_Converter, f"_op_{op}") for op in (
 
 def _output_shapes(graph: Graph, input_shapes: dict) -> dict:
     """TensorRef(node, index) -> shape for every tensor, from MXNet's shape inference."""
-    import mxnet as mx
-
     internals = graph.to_symbol().get_internals()
     try:
         _, out_shapes, _ = internals.infer_shape(**input_shapes)
     except mx.base.MXNetError as err:
-        from ..graph import mxnet_error_line
-
         raise GraphError(f"shape inference failed with inputs {input_shapes}: {mxnet_error_line(err)}") from None
     if out_shapes is None:
         raise GraphError(f"shape inference is incomplete with inputs {input_shapes}")
@@ -504,7 +473,7 @@ class NcnnRunner:
 
     def __init__(self, param_path, bin_path, input_name: str = "data", output_name: str | None = None,
                  num_threads: int = 1, options: dict | None = None):
-        import ncnn
+        import ncnn  # optional: only running a model needs the ncnn package
 
         for path in (param_path, bin_path):
             if not Path(path).is_file():
@@ -524,7 +493,7 @@ class NcnnRunner:
 
     def __call__(self, images: np.ndarray, progress=None) -> np.ndarray:
         """Outputs for a batch (N, C, H, W) of float32 images, stacked to (N, ...)."""
-        import ncnn
+        import ncnn  # optional, as above
 
         results = []
         for image in images if progress is None else progress(images):
@@ -535,3 +504,93 @@ class NcnnRunner:
                 raise GraphError(f"ncnn failed to compute blob '{self.output_name}' (error {ret})")
             results.append(np.array(out).copy())
         return np.stack(results)
+
+
+# ---------------------------------------------------------------------- export and verification
+FP32_TOLERANCE = 1e-4      # max relative difference of FP32 ncnn against MXNet
+TOP1_TOLERANCE = 0.3       # points of top-1 between ncnn int8 and the simulation
+
+
+def check_config(config) -> None:
+    """Refuse simulation settings ncnn's int8 kernels cannot run (a QuantConfig)."""
+    if config.weight_bits != 8 or config.input_bits != 8:
+        raise ConfigError("ncnn int8 uses 8-bit weights and inputs: drop --weight-bits-width/--input-bits-width")
+    if config.input_signed is not True:
+        raise ConfigError("ncnn quantizes inputs as signed int8: use --input-signed true")
+    if config.quant_type not in ("channel", "layer"):
+        raise ConfigError("ncnn's table holds a weight scale per output channel: use --quant-type channel or layer")
+    if not config.quantize_input:
+        raise ConfigError("ncnn int8 quantizes every int8 layer's input: drop --no-quantize-input")
+    if config.winograd != "none":
+        # measured: ncnn's int8 Winograd F(4,3) gives the same outputs as its direct int8
+        # convolution, so it quantizes in the spatial domain, not the Winograd domain
+        raise ConfigError("ncnn quantizes 3x3 convolutions in the spatial domain: drop --wino-quantize")
+    if not config.merge_bn:
+        raise ConfigError("ncnn runs BatchNorm folded into the layers: set merge_bn")
+
+
+@dataclass
+class Int8Export:
+    """What export_int8 makes: the folded float graph, its FP32 ncnn model, the calibration
+    table (as ncnn2table prints it) and the int8 model ncnn2int8 would make from the two."""
+
+    folded: Graph
+    fp32: NcnnModel
+    table_text: str
+    int8: NcnnModel
+
+    def files(self, prefix) -> dict:
+        """OUT.param, OUT.bin, OUT.table, OUT-int8.param, OUT-int8.bin -> contents."""
+        return {Path(f"{prefix}.param"): self.fp32.param, Path(f"{prefix}.bin"): self.fp32.bin,
+                Path(f"{prefix}.table"): self.table_text, Path(f"{prefix}-int8.param"): self.int8.param,
+                Path(f"{prefix}-int8.bin"): self.int8.bin}
+
+
+def export_int8(net, input_shape) -> Int8Export:
+    """The ncnn models of a calibrated QuantizedNet whose graph has BatchNorm folded (merge_bn):
+    int8 layers are those the net quantizes, with its thresholds and weight granularity."""
+    folded = net.current_float_graph().cleanup()
+    granularity = {s.granularity for s in net.weight_specs} or {"channel"}
+    if len(granularity) > 1:
+        raise ConfigError(f"ncnn tables hold one weight granularity; the net mixes {sorted(granularity)}")
+    text = calibration_table(folded, net.thresholds(), granularity.pop()).format()
+    # ncnn2int8 reads the scales back from the printed table, so the int8 model does too
+    return Int8Export(folded, to_ncnn(folded, input_shape), text, to_ncnn(folded, input_shape, Table.parse(text)))
+
+
+@dataclass(frozen=True)
+class Verification:
+    """FP32 ncnn against MXNet (max relative difference), and, with an int8 model, ncnn int8
+    against the simulation: top-1 of each (percent) and per-sample agreement (percent)."""
+
+    fp32_relative: float
+    images: int
+    ncnn_top1: float | None = None
+    simulated_top1: float | None = None
+    agreement: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        int8_ok = self.ncnn_top1 is None or abs(self.ncnn_top1 - self.simulated_top1) <= TOP1_TOLERANCE
+        return self.fp32_relative <= FP32_TOLERANCE and int8_ok
+
+
+def verify(folded: Graph, fp32_files, images: np.ndarray, labels=None, net=None, int8_files=None,
+           input_name: str = "data", options: dict | None = None, threads: int = 1, fp32_images: int = 16,
+           progress=None) -> Verification:
+    """Run the written models with the real ncnn runtime: FP32 against MXNet on the first
+    `fp32_images` images, then (given `net` and `int8_files`) int8 against the simulation on all."""
+    sample = images[:fp32_images]
+    fp32 = NcnnRunner(*fp32_files, input_name=input_name, num_threads=threads, options=options)
+    ours = fp32(sample)
+    ref = to_block(folded)(mx.nd.array(sample)).asnumpy()
+    relative = float(np.abs(ours.reshape(ref.shape) - ref).max() / max(np.abs(ref).max(), 1e-30))
+    if net is None or int8_files is None:
+        return Verification(relative, len(sample))
+    int8 = NcnnRunner(*int8_files, input_name=input_name, output_name=fp32.output_name, num_threads=threads,
+                      options=dict(options or {}, use_int8_inference=True))
+    ncnn_top = int8(images, progress=progress).reshape(len(images), -1).argmax(1)
+    sim_top = predict(net, images)
+    agreement = 100.0 * float((ncnn_top == sim_top).mean())
+    return Verification(relative, len(images), 100 * float((ncnn_top == labels).mean()),
+                        100 * float((sim_top == labels).mean()), agreement)

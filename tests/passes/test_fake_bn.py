@@ -54,7 +54,7 @@ def _net(graph, **config):
     config = qgraph.QuantConfig(**{"weight_bits": 4, "quant_type": "channel", "quantize_input": False,
                                    "exclude_first_conv": False, "exclude_ops": ("FullyConnected",),
                                    "fake_bn": True, **config})
-    return qgraph.quantize(graph, config)
+    return passes.quantize(graph, config)
 
 
 def _round_half_away(v):
@@ -142,7 +142,7 @@ def test_inference_with_quantization_disabled_reproduces_conv_bn_on_the_trained_
     float_block = mx.gluon.SymbolBlock.imports(f"{prefix}-symbol.json", ["data"], f"{prefix}-0000.params")
     x = np.random.RandomState(0).normal(0, 1, (16, 3, 32, 32)).astype(np.float32)
     expected = float_block(mx.nd.array(x)).asnumpy()
-    net = qgraph.quantize(qgraph.load(f"{prefix}-symbol.json"),
+    net = passes.quantize(qgraph.load(f"{prefix}-symbol.json"),
                           qgraph.QuantConfig(weight_bits=4, quant_type="channel", fake_bn=True))
     entries = [e for e in net.report.entries if e.pass_name == "fake_bn"]
     # every convolution but the excluded first one: 19 3x3 and 2 1x1 downsampling, minus the stem
@@ -193,7 +193,7 @@ def test_fixed_graph_folds_bn_and_holds_quantized_weights(bias):
     x = np.random.RandomState(8).normal(0, 1, (8, 3, 6, 6)).astype(np.float32)
     net.calibrate(x, "naive", progress=False)
     expected = net(mx.nd.array(x)).asnumpy()
-    fixed = net.fixed_graph()
+    fixed = passes.fixed_graph(net)
     assert not list(fixed.nodes("BatchNorm"))
     assert not any(FAKE_BN_TAG in fixed.attrs(n) for n in fixed.nx)
     weight = fixed.params[fixed.inputs("conv")[1].node]
@@ -216,7 +216,7 @@ def test_fixed_graph_of_a_plain_qat_net_folds_bn_before_quantizing():
     them: the deployment form, which differs from what the plain QAT graph computed."""
     graph = _graph()
     net = _net(graph, fake_bn=False)
-    fixed = net.fixed_graph()
+    fixed = passes.fixed_graph(net)
     assert not list(fixed.nodes("BatchNorm"))
     p = graph.params
     s = (p["bn_gamma"] / np.sqrt(p["bn_moving_var"] + np.float32(EPS))).reshape(-1, 1, 1, 1)

@@ -40,7 +40,7 @@ def _graph(symbol, input_shape, seed=0):
 
 
 def _forward(graph, x):
-    return graph.to_block()(mx.nd.array(x)).asnumpy()
+    return qgraph.to_block(graph)(mx.nd.array(x)).asnumpy()
 
 
 def _relative_error(a, b):
@@ -155,7 +155,7 @@ def test_trained_bundled_model_folds_within_1e4_and_keeps_predictions():
     assert sum(e.action == "changed" for e in report.entries) == 4
     assert not folded.nodes("BatchNorm")
     _, (x_test, _) = mnist_split()
-    original_block, folded_block = graph.to_block(), folded.to_block()
+    original_block, folded_block = qgraph.to_block(graph), qgraph.to_block(folded)
     reference = original_block(mx.nd.array(x_test[:500])).asnumpy()
     assert _relative_error(folded_block(mx.nd.array(x_test[:500])).asnumpy(), reference) < 1e-4
     assert np.mean(predict(folded_block, x_test) == predict(original_block, x_test)) > 0.999

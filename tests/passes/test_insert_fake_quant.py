@@ -139,7 +139,7 @@ def test_inserting_into_a_saved_quantized_graph_is_refused(net_graph, tmp_path):
     rewritten, _ = _run(net_graph, QuantConfig())
     qgraph.save(rewritten, tmp_path / "q")
     with pytest.raises(PassError, match="already has fake-quant"):
-        qgraph.quantize(str(tmp_path / "q"), QuantConfig())
+        passes.quantize(str(tmp_path / "q"), QuantConfig())
 
 
 def test_excluded_first_conv_is_untouched(net_graph):
@@ -169,8 +169,8 @@ def test_first_conv_output_equals_float_and_the_rest_differs(net_graph):
     outputs = []
     for graph in (net_graph, rewritten):
         graph = graph.copy()
-        graph.outputs = taps
-        outputs.append([o.asnumpy() for o in graph.to_block()(mx.nd.array(x))])
+        graph.set_outputs(taps)
+        outputs.append([o.asnumpy() for o in qgraph.to_block(graph)(mx.nd.array(x))])
     np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
     assert not np.allclose(outputs[0][1], outputs[1][1], rtol=1e-3, atol=1e-3)
 
@@ -242,9 +242,9 @@ def test_auto_keeps_negative_values_after_batchnorm():
         rewritten, _ = _run(graph, QuantConfig(input_signed=setting))
         exit_node = next(n for n in rewritten.nodes() if SPEC_ATTR in rewritten.attrs(n)
                          and json.loads(rewritten.attrs(n)[SPEC_ATTR])["kind"] == "input")
-        rewritten.outputs = [qgraph.TensorRef(exit_node)]
+        rewritten.set_outputs([qgraph.TensorRef(exit_node)])
         rewritten.cleanup()
-        quantized[setting] = rewritten.to_block()(mx.nd.array(x)).asnumpy()
+        quantized[setting] = qgraph.to_block(rewritten)(mx.nd.array(x)).asnumpy()
     assert quantized["auto"].min() < 0
     assert quantized[False].min() == 0
 
@@ -262,7 +262,7 @@ def test_saved_graph_loads_as_plain_symbolblock_with_same_outputs(net_graph, con
     rewritten, _ = _run(net_graph, config)
     for name in rewritten.params:
         if name.endswith("_data_threshold"):  # as calibration would
-            rewritten.params[name] = np.array([1.25], F32)
+            rewritten.set_param(name, np.array([1.25], F32))
     prefix = tmp_path / "rewritten"
     qgraph.save(rewritten, prefix)
 
@@ -275,6 +275,6 @@ def test_saved_graph_loads_as_plain_symbolblock_with_same_outputs(net_graph, con
     plain = _imports(prefix)(x).asnumpy()
     net = qgraph.QuantizedNet(rewritten)
     np.testing.assert_array_equal(plain, net(x).asnumpy())
-    np.testing.assert_array_equal(plain, rewritten.to_block()(x).asnumpy())
+    np.testing.assert_array_equal(plain, qgraph.to_block(rewritten)(x).asnumpy())
     net.disable_quantize()
     assert not np.array_equal(plain, net(x).asnumpy())  # the quantizers do change the output

@@ -21,9 +21,9 @@ def test_taps_match_numpy_statistics_of_the_tapped_tensor():
     assert f"{key}|max" in kinds and f"{key}|hist" in kinds and all(TAP_TAG in tapped.attrs(r.node)
                                                                    for r in tapped.outputs[1:])
     x = np.random.RandomState(0).normal(size=(8, 1, 28, 28)).astype(np.float32)
-    outputs = dict(zip(kinds, [o.asnumpy() for o in tapped.to_block()(mx.nd.array(x))[1:]]))
+    outputs = dict(zip(kinds, [o.asnumpy() for o in qgraph.to_block(tapped)(mx.nd.array(x))[1:]]))
     internals = graph.to_symbol().get_internals()["mnistcnn_pool1_fwd_output"]
-    reference = mx.gluon.SymbolBlock(internals, [mx.sym.var("data")], params=graph.to_block().collect_params())
+    reference = mx.gluon.SymbolBlock(internals, [mx.sym.var("data")], params=qgraph.to_block(graph).collect_params())
     activations = reference(mx.nd.array(x)).asnumpy()
     assert outputs[f"{key}|max"][0] == activations.max()
     assert outputs[f"{key}|min"][0] == 0.0  # proven non-negative (a pooled ReLU): the constant 0

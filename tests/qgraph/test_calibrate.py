@@ -8,6 +8,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
+import passes
 import qgraph
 from qgraph import observers
 from qgraph.data import class_balanced_subset, mnist_split
@@ -24,14 +25,14 @@ def calibration_images():
 
 
 def _net(**fields):
-    return qgraph.quantize(MODEL, qgraph.QuantConfig(online=False, quant_type="channel", **fields))
+    return passes.quantize(MODEL, qgraph.QuantConfig(online=False, quant_type="channel", **fields))
 
 
 def _layer_inputs(net, images):
     """The float activations each quantized layer reads, copied out of a float network."""
     graph = qgraph.load(MODEL)
     internals = graph.to_symbol().get_internals()
-    block = graph.to_block()
+    block = qgraph.to_block(graph)
     result = {}
     for spec in net.input_specs:
         ref = graph.inputs(spec.layer)[0]
@@ -50,7 +51,7 @@ def test_every_mode_is_deterministic_and_switches_to_offline(mode, calibration_i
     second = net.calibrate(calibration_images, mode, batch_size=BATCH, progress=False)
     assert first == second
     assert all(v["method"] == mode and v["bits"] == 8 and v["threshold"] > 0 for v in second.values())
-    assert net.inputs_on and not net.online
+    assert net.mode.inputs and not net.mode.online
     _, (x_test, y_test) = mnist_split()
     from qgraph.evaluate import top1
 
@@ -143,7 +144,7 @@ def test_bad_calibration_data_is_a_clear_error(bad, message, calibration_images)
 def test_unknown_mode_and_nothing_to_calibrate_are_errors(calibration_images):
     with pytest.raises(qgraph.ConfigError, match="not one of"):
         _net().calibrate(calibration_images, "minmax", progress=False)
-    weights_only = qgraph.quantize(MODEL, qgraph.QuantConfig(quantize_input=False))
+    weights_only = passes.quantize(MODEL, qgraph.QuantConfig(quantize_input=False))
     with pytest.raises(qgraph.ConfigError, match="nothing to calibrate"):
         weights_only.calibrate(calibration_images, "naive", progress=False)
 
@@ -172,7 +173,7 @@ def test_quantize_symbol_calibrates_and_writes_a_report(tmp_path, calibration_im
     thresholds = json.loads(report.read_text())["calibration"]
     assert len(thresholds) == 4 and all(v["method"] == "kl" for v in thresholds.values())
     reloaded = qgraph.QuantizedNet.load(str(out))
-    assert not reloaded.online
+    assert not reloaded.mode.online
     assert reloaded.thresholds() == pytest.approx({k: v["threshold"] for k, v in thresholds.items()})
     plain = mx.gluon.SymbolBlock.imports(f"{out}-symbol.json", ["data"], f"{out}-0000.params")
     x = mx.nd.array(calibration_images[:16])

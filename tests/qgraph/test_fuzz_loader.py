@@ -24,7 +24,7 @@ from pathlib import Path
 
 import mxnet as mx
 import pytest
-from conftest import build_everything_symbol, build_small_symbol, make_model
+from helpers import build_everything_symbol, build_small_symbol, make_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

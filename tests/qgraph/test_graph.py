@@ -7,7 +7,7 @@ import os
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import EVERYTHING_HEADS, graph_of, run_block, run_graph, run_symbol
+from helpers import EVERYTHING_HEADS, graph_of, run_block, run_graph, run_symbol
 
 import qgraph
 from qgraph import Graph, GraphError, QGraphError, TensorRef
@@ -108,7 +108,7 @@ def test_to_block_runs_batchnorm_with_running_statistics_and_fix_gamma(everythin
 # ---------------------------------------------------------------------------------- files
 def test_save_and_load_round_trip_through_files(everything, tmp_path):
     graph = graph_of(everything)
-    symbol_path, params_path = graph.save(tmp_path / "model")
+    symbol_path, params_path = qgraph.save(graph, tmp_path / "model")
     assert (symbol_path, params_path) == (tmp_path / "model-symbol.json", tmp_path / "model-0000.params")
     assert sorted(os.listdir(tmp_path)) == ["model-0000.params", "model-symbol.json"]  # no temp files left
 
@@ -135,7 +135,7 @@ def test_save_and_load_round_trip_through_files(everything, tmp_path):
 
 def test_load_sets_input_shapes_and_other_epochs_need_an_explicit_params_path(small, tmp_path):
     graph = graph_of(small)
-    symbol_path, params_path = graph.save(tmp_path / "net", epoch=3)
+    symbol_path, params_path = qgraph.save(graph, tmp_path / "net", epoch=3)
     assert params_path.name == "net-0003.params"
     loaded = qgraph.load(symbol_path, params=params_path, input_shape=(2, 3, 6, 6))
     assert loaded.input_shapes == {"data": (2, 3, 6, 6)}
@@ -143,10 +143,26 @@ def test_load_sets_input_shapes_and_other_epochs_need_an_explicit_params_path(sm
     assert loaded.to_json() == graph.to_json()
 
 
-def test_save_into_a_missing_folder_raises_and_writes_nothing(small_graph, tmp_path):
-    with pytest.raises(GraphError, match="does not exist"):
-        small_graph.save(tmp_path / "missing" / "model")
+def test_save_makes_missing_folders_and_files_get_the_umask_mode(small_graph, tmp_path):
+    old = os.umask(0o022)
+    try:
+        symbol_path, params_path = qgraph.save(small_graph, tmp_path / "runs" / "r20" / "model")
+    finally:
+        os.umask(old)
+    for path in (symbol_path, params_path):
+        assert path.is_file() and (path.stat().st_mode & 0o777) == 0o644
+    assert sorted(os.listdir(tmp_path / "runs" / "r20")) == ["model-0000.params", "model-symbol.json"]
+
+
+def test_a_failed_save_leaves_no_file_and_no_new_folder(small_graph, tmp_path):
+    broken = small_graph.copy()
+    broken._outputs = [TensorRef("nowhere")]  # to_json fails before anything is written
+    with pytest.raises(Exception):
+        qgraph.save(broken, tmp_path / "new" / "model")
     assert os.listdir(tmp_path) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(GraphError, match="is a file"):
+        qgraph.save(small_graph, tmp_path / "file" / "model")
 
 
 # ---------------------------------------------------------------------------------- blocks
@@ -185,7 +201,7 @@ def test_hybrid_block_is_traced_with_input_shape_and_computes_the_same():
 
 
 def test_symbol_block_that_has_run_loads(small, tmp_path):
-    symbol_path, params_path = graph_of(small).save(tmp_path / "m")
+    symbol_path, params_path = qgraph.save(graph_of(small), tmp_path / "m")
     block = mx.gluon.SymbolBlock.imports(str(symbol_path), ["data"], str(params_path))
     inputs = small.inputs()
     expected = run_block(block, inputs, ["data"])
@@ -198,9 +214,9 @@ def test_symbol_block_that_has_run_loads(small, tmp_path):
 @pytest.mark.parametrize("input_shape", [None, (2, 3, 6, 6)])
 def test_symbol_block_that_never_ran_loads(small, tmp_path, input_shape):
     """Fresh from SymbolBlock.imports (or qgraph.to_block), export() would write no parameters."""
-    symbol_path, params_path = graph_of(small).save(tmp_path / "m")
+    symbol_path, params_path = qgraph.save(graph_of(small), tmp_path / "m")
     for block in (mx.gluon.SymbolBlock.imports(str(symbol_path), ["data"], str(params_path)),
-                  graph_of(small).to_block()):
+                  qgraph.to_block(graph_of(small))):
         graph = qgraph.load(block, input_shape=input_shape)
         assert graph.to_json() == graph_of(small).to_json()
         assert set(graph.params) == set(small.params)
@@ -347,9 +363,7 @@ def test_consumers_queries(everything_graph):
     assert graph.consumers("conv1_weight") == [("conv1", 1)]
     assert graph.consumers("bn1_moving_var") == [("bn1", 4)]
     assert graph.consumers("fc") == []
-    assert graph.input_node("bn1", 3) == "bn1_moving_mean"
-    with pytest.raises(GraphError, match="slot 9"):
-        graph.input_node("bn1", 9)
+    assert graph.inputs("bn1")[3].node == "bn1_moving_mean"
 
 
 def test_cleanup_drops_dead_nodes_and_their_params_but_keeps_inputs(small_graph):
@@ -379,14 +393,76 @@ def test_copy_is_independent(small_graph):
     copy = small_graph.copy()
     copy.set_attr("conv0", "num_filter", "8")
     copy.set_input("relu0", 0, "conv0")
-    copy.params["conv0_bias"] = np.zeros(4, np.float32)
-    copy.outputs.append(TensorRef("relu0"))
+    copy.set_param("conv0_bias", np.zeros(4, np.float32))
+    copy.add_output("relu0")
     copy.nx.nodes["conv0"]["extra"]["note"] = "x"
     assert small_graph.attrs("conv0")["num_filter"] == "4"
     assert small_graph.inputs("relu0") == [TensorRef("bn0")]
     assert not np.array_equal(small_graph.params["conv0_bias"], np.zeros(4))
-    assert small_graph.outputs == [TensorRef("fc0")]
+    assert small_graph.outputs == (TensorRef("fc0"),)
     assert small_graph.nx.nodes["conv0"]["extra"] == {}
+
+
+@pytest.mark.parametrize("edit", [
+    lambda g: g.set_input("relu0", 0, "nowhere"),
+    lambda g: g.set_input("nowhere", 0, "conv0"),
+    lambda g: g.add_input("conv0", ("nowhere", 0)),
+    lambda g: g.add_output("nowhere"),
+    lambda g: g.set_outputs(["fc0", "nowhere"]),
+    lambda g: g.replace_all_uses("conv0", "nowhere"),
+    lambda g: g.replace_all_uses("nowhere", "conv0"),
+    lambda g: g.insert_on_edge("nowhere", 0, "relu", "x"),
+    lambda g: g.remove_node("nowhere"),
+    lambda g: g.set_param("nowhere", np.zeros(1)),
+    lambda g: g.set_attr("nowhere", "k", "v"),
+    lambda g: g.consumers("nowhere"),
+])
+def test_every_verb_refuses_a_tensor_that_does_not_exist_and_names_it(small_graph, edit):
+    before = small_graph.to_json()
+    with pytest.raises(GraphError, match="'nowhere'"):
+        edit(small_graph)
+    assert small_graph.to_json() == before  # nothing half-done, and networkx made no empty node
+    assert "nowhere" not in small_graph.nx
+
+
+def test_params_and_outputs_change_only_through_verbs(small_graph):
+    with pytest.raises(TypeError):
+        small_graph.params["conv0_bias"] = np.zeros(4, np.float32)  # noqa: read-only view
+    assert isinstance(small_graph.outputs, tuple)
+    with pytest.raises(GraphError, match="'conv0' is not a parameter"):
+        small_graph.set_param("conv0", np.zeros(1))
+    small_graph.set_attr("conv0_weight", "__shape__", "(4, 3, 3, 3)")
+    small_graph.set_param("conv0_weight", np.zeros((4, 3, 3, 3), np.float32))
+    assert small_graph.attrs("conv0_weight")["__shape__"] == "(4, 3, 3, 3)"
+    ref = small_graph.add_output("relu0")
+    assert small_graph.outputs[-1] == ref == TensorRef("relu0")
+
+
+def test_node_builder_names_and_tags_what_it_adds(small_graph):
+    node = small_graph.builder("conv0_fq", {"__tag__": "conv0"})
+    first = node("_mul_scalar", "scale", ["conv0"], scalar=2.0)
+    second = node("_mul_scalar", "scale", [first], scalar=0.5)
+    assert first == TensorRef("conv0_fq_scale") and second == TensorRef("conv0_fq_scale_1")
+    assert small_graph.attrs(second.node) == {"scalar": "0.5", "__tag__": "conv0"}
+    assert small_graph.inputs(second.node) == [first]
+
+
+def test_lint_checks_structure_without_mxnet(small_graph, monkeypatch):
+    def no_mxnet(*args, **kwargs):
+        raise AssertionError("lint must not call MXNet")
+
+    monkeypatch.setattr(qgraph.Graph, "to_symbol", no_mxnet)
+    monkeypatch.setattr(qgraph.Graph, "check_ops", no_mxnet)
+    assert small_graph.lint() is small_graph
+    small_graph.nx.add_edge("relu0", "conv0_weight", index=0, slot=0, version=0)
+    with pytest.raises(GraphError, match="variable 'conv0_weight' has inputs|cycle"):
+        small_graph.lint()
+
+
+def test_lint_catches_a_node_networkx_made_up(small_graph):
+    small_graph.nx.add_edge("ghost", "relu0", index=0, slot=1, version=0)  # the old add_input bug
+    with pytest.raises(GraphError, match="'ghost'"):
+        small_graph.lint()
 
 
 # ---------------------------------------------------------------------------------- verify()
@@ -419,19 +495,19 @@ def test_verify_catches_a_slot_filled_twice(small_graph):
 
 
 def test_verify_catches_a_missing_param(small_graph):
-    del small_graph.params["bn0_moving_var"]
+    del small_graph._params["bn0_moving_var"]  # a corruption no verb allows
     with pytest.raises(GraphError, match=r"no value for parameter 'bn0_moving_var'.*bn0"):
         small_graph.verify()
 
 
 def test_verify_catches_an_extra_param(small_graph):
-    small_graph.params["ghost"] = np.zeros(3, np.float32)
+    small_graph._params["ghost"] = np.zeros(3, np.float32)  # a corruption no verb allows
     with pytest.raises(GraphError, match="'ghost'"):
         small_graph.verify()
 
 
 def test_verify_catches_a_param_that_is_also_an_input(small_graph):
-    small_graph.params["data"] = np.zeros((2, 3, 6, 6), np.float32)
+    small_graph._params["data"] = np.zeros((2, 3, 6, 6), np.float32)  # a corruption no verb allows
     with pytest.raises(GraphError, match="'data'"):
         small_graph.verify()
 
@@ -440,7 +516,7 @@ def test_verify_catches_a_param_that_is_also_an_input(small_graph):
                                          ("bn0_moving_mean", (3,)), ("fc0_bias", (5, 1))])
 def test_verify_catches_a_param_of_the_wrong_shape(small_graph, name, shape):
     small_graph.verify()
-    small_graph.params[name] = np.zeros(shape, np.float32)
+    small_graph.set_param(name, np.zeros(shape, np.float32))
     with pytest.raises(GraphError, match=name) as err:
         small_graph.verify()
     assert str(shape) in str(err.value) or "nconsistent" in str(err.value)
@@ -456,16 +532,12 @@ def test_verify_catches_a_stale_shape_attribute(small_graph):
 
 def test_verify_catches_outputs_that_are_missing_or_absent(small_graph):
     broken = small_graph.copy()
-    broken.outputs = [TensorRef("nowhere")]
+    broken._outputs = [TensorRef("nowhere")]  # set_outputs refuses this itself
     with pytest.raises(GraphError, match="'nowhere'"):
         broken.verify()
-    broken.outputs = []
+    broken.set_outputs([])
     with pytest.raises(GraphError, match="no outputs"):
         broken.verify()
-
-
-def test_graph_error_is_a_qgraph_error():
-    assert issubclass(GraphError, QGraphError) and issubclass(QGraphError, Exception)
 
 
 def test_from_json_with_input_names_requires_every_other_variable(small):
@@ -491,7 +563,7 @@ def test_repeated_operator_names_are_made_unique_and_compute_the_same():
     symbol = _twice_named_symbol()
     graph = Graph.from_json(symbol.tojson())
     assert [n for n in graph.nodes() if graph.op(n) != "null"] == ["act", "act_1"]
-    assert graph.attrs("act_1") == {"act_type": "tanh"} and graph.outputs == [TensorRef("act_1")]
+    assert graph.attrs("act_1") == {"act_type": "tanh"} and graph.outputs == (TensorRef("act_1"),)
     graph.verify()
     x = {"data": np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)}
     _assert_bit_exact(run_symbol(symbol, {}, x), run_symbol(graph.to_symbol(), {}, x))

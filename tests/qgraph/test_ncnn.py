@@ -33,7 +33,7 @@ def runner(model, prefix, int8=False):
 
 
 def mxnet_outputs(graph, images):
-    return graph.to_block()(mx.nd.array(images)).asnumpy()
+    return qgraph.to_block(graph)(mx.nd.array(images)).asnumpy()
 
 
 def round_half_away(x):
@@ -177,7 +177,7 @@ def test_int8_bin_holds_ncnn2int8_weights():
 def simulated(graph, images, exclude_first_conv):
     config = qgraph.QuantConfig(quant_type="channel", input_signed=True, merge_bn=True,
                                 exclude_first_conv=exclude_first_conv, online=False)
-    net = qgraph.quantize(graph, config)
+    net = passes.quantize(graph, config)
     net.calibrate(images, "naive", calib_epoch=1, progress=False)
     return net
 

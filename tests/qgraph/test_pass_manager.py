@@ -7,7 +7,9 @@ import time
 
 import numpy as np
 import pytest
-from conftest import run_symbol
+from helpers import run_symbol
+
+import qgraph
 
 from passes.fold_bn import FoldBN
 from qgraph import (DumpInstrument, GraphError, Instrument, PassContext, PassError, PassManager, QGraphError,
@@ -55,13 +57,13 @@ class ScaleReluOutput:
 
 
 class DropParam:
-    """Breaks the graph: the value of a parameter disappears."""
+    """Breaks the graph behind the verbs' back: the value of a parameter disappears."""
 
     name = "drop_param"
     requires = ()
 
     def run(self, graph, ctx):
-        del graph.params["conv0_weight"]
+        del graph._params["conv0_weight"]
         return graph
 
 
@@ -73,8 +75,8 @@ class MutateInPlace:
 
     def run(self, graph, ctx):
         graph.set_attr("relu0", "act_type", "sigmoid")
-        graph.params["fc0_bias"] = graph.params["fc0_bias"] + 1.0
-        graph.outputs.append(graph.outputs[0])
+        graph.set_param("fc0_bias", graph.params["fc0_bias"] + 1.0)
+        graph.add_output(graph.outputs[0])
         return graph
 
 
@@ -153,17 +155,26 @@ def test_verify_instrument_catches_a_pass_that_breaks_the_graph(small_graph):
     assert log == ["a"]
 
 
-def test_without_verification_a_broken_graph_gets_through(small_graph):
-    graph, _ = PassManager([DropParam()], verify=False).run(small_graph)
+def test_without_checks_a_broken_graph_gets_through(small_graph):
+    graph, _ = PassManager([DropParam()], verify=False, lint=False).run(small_graph)
     assert "conv0_weight" not in graph.params
-    # an explicit VerifyInstrument verifies even with verify=False
+    # an explicit VerifyInstrument verifies even with checks off
     with pytest.raises(PassError, match="drop_param"):
-        PassManager([DropParam()], instruments=[VerifyInstrument()], verify=False).run(small_graph)
+        PassManager([DropParam()], instruments=[VerifyInstrument()], lint=False).run(small_graph)
+
+
+def test_lint_runs_by_default_and_verify_on_request(small_graph, monkeypatch):
+    calls = []
+    monkeypatch.setattr(qgraph.Graph, "verify", lambda self: calls.append("verify") or self)
+    PassManager([Record("a", [])]).run(small_graph)
+    assert calls == []  # the default check is lint(), which needs no MXNet
+    PassManager([Record("a", [])], verify=True).run(small_graph)
+    assert calls == ["verify", "verify"]  # before the first pass and after it
 
 
 def test_a_broken_input_graph_is_refused_before_any_pass(small_graph):
     log = []
-    small_graph.params["ghost"] = np.zeros(1, np.float32)
+    small_graph._params["ghost"] = np.zeros(1, np.float32)  # a corruption no verb allows
     with pytest.raises(PassError, match="before any pass.*ghost"):
         PassManager([Record("a", log)]).run(small_graph)
     assert log == []
@@ -296,7 +307,7 @@ def test_the_input_graph_is_not_modified(small_graph, passes):
     json_before = small_graph.to_json()
     params_before = {k: v.copy() for k, v in small_graph.params.items()}
     ids_before = {k: id(v) for k, v in small_graph.params.items()}
-    outputs_before = list(small_graph.outputs)
+    outputs_before = small_graph.outputs
     attrs_before = {n: dict(small_graph.attrs(n)) for n in small_graph.nx}
 
     graph, _ = PassManager(passes).run(small_graph)

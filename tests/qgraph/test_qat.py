@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from mxnet import autograd, gluon
 
+import passes
 import qgraph
 from qgraph.data import mnist_split
 
@@ -24,7 +25,7 @@ def batch():
 def _net(**config):
     config = qgraph.QuantConfig(**{"weight_bits": 4, "input_bits": 4, "quant_type": "channel",
                                    "input_signed": "auto", **config})
-    return qgraph.quantize(qgraph.load(MNIST), config)
+    return passes.quantize(qgraph.load(MNIST), config)
 
 
 def _step(net, trainer, data, label):
@@ -81,4 +82,4 @@ def test_changed_thresholds_select_a_new_constant_emission(batch):
     net.set_thresholds({layer: net.thresholds()[layer] * 0.25})
     second = net(data).asnumpy()
     assert np.abs(first - second).max() > 1e-3
-    assert sum(1 for key in net._emissions if key.baked is not None) == 1  # the stale one was dropped
+    assert sum(1 for _, baked in net.cached_forms() if baked is not None) == 1  # the stale one was dropped

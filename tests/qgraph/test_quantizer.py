@@ -199,8 +199,8 @@ def _exit_node(graph, layer, kind):
 def _run_with_taps(graph, x, taps):
     """Forward the graph with the given nodes added as outputs; returns [model out, *taps]."""
     graph = graph.copy()
-    graph.outputs = graph.outputs[:1] + [TensorRef(t) for t in taps]
-    out = graph.to_block()(mx.nd.array(x))
+    graph.set_outputs(list(graph.outputs[:1]) + [TensorRef(t) for t in taps])
+    out = qgraph.to_block(graph)(mx.nd.array(x))
     out = out if isinstance(out, (list, tuple)) else [out]
     return [o.asnumpy() for o in out]
 
@@ -310,7 +310,7 @@ def test_dead_output_channel_quantizes_to_zero_without_nan(kind, quant_type):
 @pytest.mark.parametrize("quant_type", ["layer", "group", "channel"])
 def test_all_zero_weights_quantize_to_zero(quant_type):
     graph, data_shape, _ = _graph("grouped_conv", seed=6)
-    graph.params["layer_weight"] = np.zeros_like(graph.params["layer_weight"])
+    graph.set_param("layer_weight", np.zeros_like(graph.params["layer_weight"]))
     rewritten, _ = _insert(graph, QuantConfig(quant_type=quant_type, exclude_first_conv=False, input_signed=True))
     out, quantized = _run_with_taps(rewritten, np.ones(data_shape, F32), [_exit_node(rewritten, "layer", "weight")])
     assert np.array_equal(quantized, np.zeros_like(quantized)) and np.array_equal(out, np.zeros_like(out))
@@ -429,7 +429,7 @@ def test_pass_offline_threshold_parameter(signed):
     taps = [_exit_node(rewritten, "layer", "input")]
     _, uncalibrated = _run_with_taps(rewritten, x, taps)
     assert np.array_equal(uncalibrated, np.zeros_like(x))  # T = 0: zeros, no NaN
-    rewritten.params["layer_data_threshold"] = np.array([1.7], F32)
+    rewritten.set_param("layer_data_threshold", np.array([1.7], F32))
     _, qx = _run_with_taps(rewritten, x, taps)
     np.testing.assert_array_equal(qx, ref_input_quant(x, 1.7, 3, signed))
 
@@ -471,7 +471,7 @@ def _fc_net(config, x_shape=(4, 6), hidden=3, seed=0):
     symbol = mx.sym.FullyConnected(mx.sym.var("data"), num_hidden=hidden, name="fc")
     params = _params(symbol, x_shape, seed)
     graph = Graph.from_json(symbol.tojson(), params, input_names=["data"])
-    return qgraph.quantize(graph, config), params
+    return passes.quantize(graph, config), params
 
 
 def _grads(net, x, upstream):

@@ -9,6 +9,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
+import passes
 import qgraph
 from qgraph import ConfigError, Graph, QuantConfig, QuantizedNet
 
@@ -49,7 +50,7 @@ def _images(n, seed):
 
 @pytest.fixture(scope="module")
 def float_outputs():
-    block = qgraph.load(MNIST).to_block()
+    block = qgraph.to_block(qgraph.load(MNIST))
     return {seed: block(mx.nd.array(_images(8, seed))).asnumpy() for seed in (0, 1)}
 
 
@@ -58,14 +59,14 @@ DEPTHWISE = "mnistcnn_conv1_fwd"
 
 @pytest.fixture
 def mnist_net():
-    return qgraph.quantize(MNIST, QuantConfig())
+    return passes.quantize(MNIST, QuantConfig())
 
 
 @pytest.fixture
 def mnist_net_no_dw():
     """The bundled model with its depthwise conv kept float: switching float -> quantized works
     there (see test_reenable_after_float_forward_with_depthwise_conv for why that matters)."""
-    return qgraph.quantize(MNIST, QuantConfig(exclude=(DEPTHWISE,)))
+    return passes.quantize(MNIST, QuantConfig(exclude=(DEPTHWISE,)))
 
 
 def _mlp(seed=0):
@@ -129,14 +130,14 @@ def test_switching_modes_reuses_built_emissions(mnist_net_no_dw):
     floating = net(x).asnumpy()
     net.enable_quantize()
     net(x)
-    built = dict(net._emissions)
+    built = net.cached_forms()
+    assert len(built) == 3  # the first batch with the sign probe, then quantized and float, each built once
     for _ in range(3):
         net.disable_quantize()
         assert np.array_equal(net(x).asnumpy(), floating)
         net.enable_quantize()
         assert np.array_equal(net(x).asnumpy(), quantized)
-    assert len(net._emissions) == len(built)
-    assert all(net._emissions[key] is emission for key, emission in built.items())
+    assert net.cached_forms() == built
 
 
 def test_weights_only_and_inputs_only_modes_differ_from_both(mnist_net, float_outputs):
@@ -157,7 +158,7 @@ def test_thresholds_are_keyed_by_layer_name(mnist_net):
 
 def test_update_ema_starts_from_the_batch_max_then_averages():
     graph, params = _mlp()
-    net = qgraph.quantize(graph, QuantConfig())
+    net = passes.quantize(graph, QuantConfig())
     assert set(net.thresholds()) == {"fc1", "fc2"}
     rng = np.random.default_rng(5)
     x1, x2 = (rng.normal(0, 1.5, (4, 6)).astype(F32) for _ in range(2))
@@ -185,7 +186,7 @@ def test_update_ema_starts_from_the_batch_max_then_averages():
 
 def test_offline_mode_needs_thresholds_then_matches_numpy():
     graph, params = _mlp(seed=1)
-    net = qgraph.quantize(graph, QuantConfig())
+    net = passes.quantize(graph, QuantConfig())
     with pytest.raises(ConfigError, match="thresholds"):
         net.quantize_input(online=False)
     rng = np.random.default_rng(6)
@@ -203,7 +204,7 @@ def test_offline_mode_needs_thresholds_then_matches_numpy():
 
 def test_set_thresholds_validates_layer_names():
     graph, _ = _mlp()
-    net = qgraph.quantize(graph, QuantConfig())
+    net = passes.quantize(graph, QuantConfig())
     with pytest.raises(ConfigError, match="no_such_layer"):
         net.set_thresholds({"no_such_layer": 1.0})
     net.set_thresholds({"fc1": 2.0, "fc2": 3.0})
@@ -213,7 +214,7 @@ def test_set_thresholds_validates_layer_names():
 
 def test_offline_quantize_with_known_input_shape(float_outputs):
     """quantize(input_shape=...) verifies parameter shapes after each pass, offline thresholds included."""
-    net = qgraph.quantize(MNIST, QuantConfig(online=False), input_shape=(1, 1, 28, 28))
+    net = passes.quantize(MNIST, QuantConfig(online=False), input_shape=(1, 1, 28, 28))
     net.set_thresholds({layer: 4.0 for layer in MNIST_QUANTIZED})
     out = net(mx.nd.array(_images(8, 0))).asnumpy()
     assert np.isfinite(out).all() and not np.array_equal(out, float_outputs[0])
@@ -248,7 +249,7 @@ def _conv_conv(config):
     params = {"conv_a_weight": rng.normal(0, 0.4, (4, 3, 3, 3)), "conv_a_bias": rng.normal(0, 0.1, 4),
               "conv_b_weight": rng.normal(0, 0.5, (2, 4, 1, 1)), "conv_b_bias": rng.normal(0, 0.1, 2)}
     graph = Graph.from_json(symbol.tojson(), {k: v.astype(F32) for k, v in params.items()}, input_names=["data"])
-    return qgraph.quantize(graph, config)
+    return passes.quantize(graph, config)
 
 
 def _negative_warnings(caplog):

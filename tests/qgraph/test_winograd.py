@@ -2,6 +2,7 @@
 graph pieces (constants, G g G^T, the pseudo-inverse projection) against numpy."""
 from __future__ import annotations
 
+import qgraph
 import mxnet as mx
 import numpy as np
 import pytest
@@ -95,8 +96,8 @@ class _Ops:
 
 
 def _evaluate(ops: _Ops, out, x: np.ndarray) -> np.ndarray:
-    ops.graph.outputs = [TensorRef(out)]
-    return ops.graph.to_block()(mx.nd.array(x)).asnumpy()
+    ops.graph.set_outputs([TensorRef(out)])
+    return qgraph.to_block(ops.graph)(mx.nd.array(x)).asnumpy()
 
 
 def test_constant_is_exact_in_float32_with_one_node_per_distinct_value():

@@ -38,8 +38,8 @@ def test_folds_bn_writes_outputs_and_prints_the_report(model, tmp_path, capsys):
     assert sorted(p.name for p in out.parent.iterdir()) == ["folded-0000.params", "folded-symbol.json"]
     assert (tmp_path / "dump" / "01_fold_bn.dot").exists()
     x = mx.nd.array(np.random.RandomState(0).normal(size=(8, 1, 28, 28)))
-    before = qgraph.load(f"{model}-symbol.json").to_block()(x).asnumpy()
-    after = qgraph.load(f"{out}-symbol.json").to_block()(x).asnumpy()
+    before = qgraph.to_block(qgraph.load(f"{model}-symbol.json"))(x).asnumpy()
+    after = qgraph.to_block(qgraph.load(f"{out}-symbol.json"))(x).asnumpy()
     assert np.abs(after - before).max() / np.abs(before).max() < 1e-4
 
 
@@ -94,7 +94,7 @@ def test_bad_input_gives_one_line_and_no_output(model, tmp_path, capsys, damage,
 
 @pytest.mark.parametrize("argv_tail, expected", [
     (["--passes", "fold_bn,frobnicate"], "unknown pass 'frobnicate'"),
-    (["--out", "{tmp}/no/such/folder/x"], "output folder '{tmp}/no/such/folder' does not exist"),
+    (["--out", "{tmp}/no/such/folder/x", "--exclude", "nothing_matches"], "matches no node"),
     (["--out", "{tmp}/m"], "would overwrite the input files"),
 ])
 def test_bad_flags_are_named(model, tmp_path, capsys, argv_tail, expected):
@@ -103,6 +103,18 @@ def test_bad_flags_are_named(model, tmp_path, capsys, argv_tail, expected):
     rc, _, stderr = _run(argv, capsys)
     assert rc == 2 and expected.format(tmp=tmp_path) in stderr
     assert _digest(tmp_path) == before
+
+
+def test_a_missing_output_folder_is_made_when_the_files_are_written(model, tmp_path, capsys):
+    old = os.umask(0o022)
+    try:
+        rc, _, stderr = _run([f"{model}-symbol.json", "--out", tmp_path / "runs" / "r1" / "q"], capsys)
+    finally:
+        os.umask(old)
+    assert rc == 0, stderr
+    written = sorted(p.name for p in (tmp_path / "runs" / "r1").iterdir())
+    assert written == ["q-0000.params", "q-symbol.json"]
+    assert all((p.stat().st_mode & 0o777) == 0o644 for p in (tmp_path / "runs" / "r1").iterdir())
 
 
 def test_unwritable_output_leaves_nothing_behind(model, tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""winograd_quant: which layers it rewrites, both modes against an independent numpy Winograd
+"""quantize_winograd_weights (weight mode) and lower_winograd_kernel (full mode): which layers they
+rewrite, both modes against an independent numpy Winograd
 simulation, the float graph against direct convolution on the trained CIFAR-10 model, and the
 rewritten graphs through QuantizedNet (modes, calibration, training, export and reload) and the CLI."""
 from __future__ import annotations
@@ -18,7 +19,8 @@ from qgraph.cli import add_quant_args, config_from_args
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import TensorRef
 from qgraph.pass_manager import PassContext
-from qgraph.quantizer import EXCLUDE_TAG, fake_quant_specs
+from qgraph.quantizer import fake_quant_specs
+from qgraph.tags import WINOGRAD_PRODUCT_TAG, WINOGRAD_TAG
 from qgraph.winograd import matrices, pseudo_inverse
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,8 +118,9 @@ def run_with_float_domain(graph, x, tile, layer="conv"):
     float64 round to different sides of a .5 step from failing the comparison."""
     n = matrices(tile)[0].shape[0]
     graph = graph.copy()
-    graph.outputs = graph.outputs + [TensorRef(f"{layer}_wino_tiles_by_position"), TensorRef(f"{layer}_wino_u")]
-    out, V, U = (o.asnumpy().astype(np.float64) for o in graph.to_block()(mx.nd.array(x)))
+    graph.set_outputs(list(graph.outputs) + [TensorRef(f"{layer}_wino_tiles_by_position"),
+                                             TensorRef(f"{layer}_wino_u")])
+    out, V, U = (o.asnumpy().astype(np.float64) for o in qgraph.to_block(graph)(mx.nd.array(x)))
     N, _, th, tw = V.shape
     V = V.reshape(N, n, n, -1, th, tw).transpose(0, 3, 4, 5, 1, 2)
     U = U.reshape(n, n, -1, U.shape[1]).transpose(2, 3, 0, 1)
@@ -147,6 +150,9 @@ def check_kernel(graph, x, W, b, pad, groups, tile, wbits=None, xbits=None, x_si
 
 
 # ---------------------------------------------------------------------- tiny graphs
+WINOGRAD_PASSES = ("quantize_winograd_weights", "lower_winograd_kernel")
+
+
 def _conv_graph(c_in=4, c_out=6, groups=1, pad=1, hw=(9, 7), bias=True, seed=0, relu_input=True):
     x = mx.sym.var("data")
     src = mx.sym.relu(x, name="act") if relu_input else x
@@ -168,7 +174,7 @@ def _rewrite(graph, **config):
 
 
 def _run(graph, x):
-    return graph.to_block()(mx.nd.array(x)).asnumpy().astype(np.float64)
+    return qgraph.to_block(graph)(mx.nd.array(x)).asnumpy().astype(np.float64)
 
 
 def _rel(a, b):
@@ -193,9 +199,15 @@ def test_only_3x3_stride1_dilation1_convolutions_are_rewritten():
     params = {n: rng.standard_normal(s).astype(F32) for n, s in zip(fc.list_arguments(), arg_shapes) if n != "data"}
     graph = Graph.from_json(fc.tojson(), params)
     graph.input_shapes = {"data": shape}
-    config = QuantConfig(winograd="F43", quant_type="channel")
-    _, report = PassManager(passes.default_pipeline(config)).run(graph, config)
-    entries = {e.node: (e.action, e.reason) for e in report.for_pass("winograd_quant")}
+    entries = {}
+    for mode, pass_name in (("weight", "quantize_winograd_weights"), ("full", "lower_winograd_kernel")):
+        config = QuantConfig(winograd="F43", quant_type="channel", winograd_mode=mode)
+        _, report = PassManager(passes.default_pipeline(config)).run(graph, config)
+        entries = {e.node: (e.action, e.reason) for e in report.for_pass(pass_name)}
+        _check_layer_choice(entries)
+
+
+def _check_layer_choice(entries):
     assert entries["ok"][0] == "changed" and "F43" in entries["ok"][1]
     assert entries["depthwise"][0] == "changed"
     assert entries["first"] == ("skipped", "excluded (first convolution)")
@@ -207,19 +219,22 @@ def test_only_3x3_stride1_dilation1_convolutions_are_rewritten():
     assert entries["fc"] == ("skipped", "FullyConnected is not a Convolution")
 
 
-def test_pass_needs_a_tile_and_insert_fake_quant():
+@pytest.mark.parametrize("name", WINOGRAD_PASSES)
+def test_pass_needs_a_tile_and_insert_fake_quant(name):
     graph, _ = _conv_graph()
-    with pytest.raises(ConfigError, match="winograd_quant needs"):
-        passes.get_pass("winograd_quant").run(graph, PassContext(QuantConfig()))
+    with pytest.raises(ConfigError, match=f"{name} needs"):
+        passes.get_pass(name).run(graph, PassContext(QuantConfig()))
     with pytest.raises((ConfigError, PassError), match="insert_fake_quant"):
-        PassManager(passes.build_pipeline("winograd_quant")).run(graph, QuantConfig(winograd="F23"))
+        PassManager(passes.build_pipeline(name)).run(graph, QuantConfig(winograd="F23"))
 
 
-def test_default_pipeline_includes_the_pass_only_when_a_tile_is_set():
+def test_default_pipeline_includes_the_pass_of_the_mode_only_when_a_tile_is_set():
     names = [p.name for p in passes.default_pipeline(QuantConfig())]
-    assert "winograd_quant" not in names
+    assert not set(WINOGRAD_PASSES) & set(names)
     names = [p.name for p in passes.default_pipeline(QuantConfig(winograd="F63", winograd_mode="full"))]
-    assert names[-2:] == ["insert_fake_quant", "winograd_quant"]
+    assert names[-2:] == ["insert_fake_quant", "lower_winograd_kernel"]
+    names = [p.name for p in passes.default_pipeline(QuantConfig(winograd="F63"))]
+    assert names[-2:] == ["insert_fake_quant", "quantize_winograd_weights"]
 
 
 @pytest.mark.parametrize("field, value", [("winograd", "F33"), ("winograd", None), ("winograd_mode", "both")])
@@ -234,8 +249,9 @@ def test_second_run_changes_nothing(mode):
     config = QuantConfig(winograd="F23", winograd_mode=mode, exclude_first_conv=False)
     once, _ = PassManager(passes.default_pipeline(config)).run(graph, config)
     ctx = PassContext(config)
-    twice = passes.get_pass("winograd_quant").run(once.copy(), ctx)
-    assert not ctx.report.modified("winograd_quant")
+    name = WINOGRAD_PASSES[mode == "full"]
+    twice = passes.get_pass(name).run(once.copy(), ctx)
+    assert not ctx.report.modified(name)
     assert sorted(twice.nx.nodes) == sorted(once.nx.nodes)
 
 
@@ -282,13 +298,14 @@ def test_full_mode_quantizes_weights_alone_when_inputs_are_not_quantized(tile):
     check_kernel(rewritten, x, graph.params["conv_weight"], None, 1, 1, tile, wbits=8)
 
 
-def test_full_mode_structure_is_excluded_and_uses_no_parameters():
+def test_full_mode_structure_is_tagged_and_uses_no_parameters():
     graph, _ = _conv_graph()
     rewritten, report = _rewrite(graph, winograd="F43", winograd_mode="full")
     assert "conv" not in rewritten
     assert set(rewritten.params) == {"conv_weight", "conv_bias"}
-    structural = [n for n in rewritten.nodes(("Convolution", "Deconvolution")) if EXCLUDE_TAG in rewritten.attrs(n)]
+    structural = [n for n in rewritten.nodes(("Convolution", "Deconvolution")) if WINOGRAD_TAG in rewritten.attrs(n)]
     assert sorted(structural) == ["conv_wino_in_rows", "conv_wino_in_tiles", "conv_wino_out_tiles"]
+    assert rewritten.attrs("conv_wino_product")[WINOGRAD_PRODUCT_TAG] == "conv"
     specs = {(s.layer, s.kind): s for s in fake_quant_specs(rewritten)}
     assert set(specs) == {("conv_wino_pad", "input"), ("conv_wino_product", "input"), ("conv_wino_product", "weight")}
     assert specs["conv_wino_product", "input"].signed
@@ -319,11 +336,11 @@ def _cifar_batch(n=16):
 def test_disabled_quantization_matches_direct_convolution_on_the_trained_model(mode):
     graph = _resnet_graph()
     x = mx.nd.array(_cifar_batch())
-    direct = graph.to_block()(x).asnumpy()
+    direct = qgraph.to_block(graph)(x).asnumpy()
     for tile in ("F23", "F43", "F63"):
         config = QuantConfig(winograd=tile, winograd_mode=mode, quant_type="channel", input_signed="auto")
-        net = qgraph.quantize(graph.copy(), config)
-        entries = net.report.for_pass("winograd_quant")
+        net = passes.quantize(graph.copy(), config)
+        entries = net.report.for_pass(WINOGRAD_PASSES[mode == "full"])
         # 19 3x3 convolutions: the first is excluded, two have stride 2; the 1x1 shortcuts are skipped
         assert sum(e.action == "changed" for e in entries) == 16
         assert sum(e.reason == "stride (2, 2) is not 1" for e in entries) == 2
@@ -345,8 +362,8 @@ def test_quantized_net_switches_weights_and_tiles_independently():
     cases = {(True, True): dict(wbits=8, xbits=8), (True, False): dict(wbits=8), (False, True): dict(xbits=8),
              (False, False): {}}
     for (weights, inputs), quant in cases.items():
-        net.weights_on, net.inputs_on = weights, inputs
-        got, _ = check_kernel(net.current_graph(ste=False), relu, W, b, 1, 1, "F43", **quant)
+        net.mode = net.mode.replace(weights=weights, inputs=inputs)
+        got, _ = check_kernel(net.current_graph(training=False), relu, W, b, 1, 1, "F43", **quant)
         assert _rel(net(mx.nd.array(x)).asnumpy(), got) < 1e-6, (weights, inputs)
 
 
@@ -371,7 +388,7 @@ def test_offline_tile_thresholds_calibrate_and_reload(tmp_path):
     x = rng.standard_normal(shape).astype(F32)
     offline = net(mx.nd.array(x)).asnumpy()
     relu = np.maximum(x, 0)
-    expected, _ = check_kernel(net.current_graph(ste=False), relu, W, b, 1, 1, "F23", wbits=8, xbits=8,
+    expected, _ = check_kernel(net.current_graph(training=False), relu, W, b, 1, 1, "F23", wbits=8, xbits=8,
                                x_threshold=float(result["conv_wino_pad"]["threshold"]),
                                tile_threshold=float(result["conv_wino_product"]["threshold"]))
     assert _rel(offline, expected) < 1e-6
@@ -443,6 +460,6 @@ def test_quantize_symbol_writes_a_full_mode_graph(tmp_path):
                              "--wino-quantize", "F43", "--wino-mode", "full", "--quant-type", "channel"],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "winograd_quant:" in result.stdout and "F43 Winograd kernel" in result.stdout
+    assert "lower_winograd_kernel:" in result.stdout and "F43 Winograd kernel" in result.stdout
     net = qgraph.QuantizedNet.load(out)
     assert any(s.layer.endswith("_wino_product") for s in net.input_specs)

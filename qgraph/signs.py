@@ -1,5 +1,5 @@
-"""Graph analyses shared by passes, calibration and the runtime: which tensors are provably
-non-negative, and which layer -> BatchNorm pairs can be folded into one layer."""
+"""Sign analysis: which tensors of a graph are provably non-negative (decides unsigned inputs
+for input_signed='auto', and lets quantizers and calibration taps skip a lower clip)."""
 from __future__ import annotations
 
 import numpy as np
@@ -45,37 +45,3 @@ def is_non_negative(graph: Graph, tensor: TensorRef, memo: dict | None = None) -
         result = False
     memo[tensor.node] = result
     return result
-
-
-def channel_axis(graph: Graph, layer: str) -> int | None:
-    """The axis of a Convolution/Deconvolution/FullyConnected output that holds its channels."""
-    attrs = graph.attrs(layer)
-    if graph.op(layer) == "FullyConnected":
-        return 1 if A.get_bool(attrs, "flatten", True, layer) else -1
-    layout = attrs.get("layout", "None")
-    if layout in ("None", "NCW", "NCHW", "NCDHW"):
-        return 1
-    return -1 if layout.endswith("C") else None
-
-
-def bn_fold_blocker(graph: Graph, layer: str, bn: str) -> str | None:
-    """None when BatchNorm `bn`, reading `layer`'s output, can be folded into `layer`'s weight
-    and bias; else the reason it cannot."""
-    users = graph.consumers(layer)
-    if len(users) > 1 or graph.is_graph_output(layer):
-        others = sorted({c for c, _ in users if c != bn}) or ["a graph output"]
-        return f"output of {layer} is also read by {others}"
-    for index in (1, 2):
-        if graph.consumers(TensorRef(bn, index)) or graph.is_graph_output(TensorRef(bn, index)):
-            return f"{bn} output {index} (batch mean/var) is used"
-    non_params = [r.node for r in graph.inputs(bn)[1:] if not graph.is_param(r.node)]
-    if non_params:
-        return f"BatchNorm statistics {non_params} are not stored parameters"
-    weight = graph.inputs(layer)[1].node
-    if not graph.is_param(weight):
-        return f"weight '{weight}' of {layer} is computed, not a stored parameter"
-    bn_axis = A.get_int(graph.attrs(bn), "axis", 1, bn)
-    layer_axis = channel_axis(graph, layer)
-    if layer_axis is None or bn_axis != layer_axis:
-        return f"BatchNorm axis {bn_axis} is not the channel axis of {layer}"
-    return None

@@ -1,0 +1,57 @@
+"""quantize_winograd_weights (QuantConfig.winograd_mode 'weight', the seed's Winograd mode):
+
+    conv(x, Q(W))  =>  conv(x, G^+ Q(G W G^T) G^+^T)
+
+for every fake-quantized 3x3 stride-1 Convolution: the 3x3 kernels are transformed to the
+F(2,3) / F(4,3) / F(6,3) domain (QuantConfig.winograd), quantized there with the layer's
+weight spec (bits, per layer/group/output channel), projected back with G's pseudo-inverse
+(constants) and convolved directly; the input keeps its quantizer. Runs after
+insert_fake_quant; other layers are skipped with the reason in the report; running it twice
+changes nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from qgraph import winograd
+from qgraph.config import QuantConfig
+from qgraph.errors import ConfigError
+from qgraph.graph import Graph
+from qgraph.pass_manager import PassContext
+from qgraph.quantizer import QUANTIZABLE_OPS, add_weight_fake_quant, spec_feeding, strip_fake_quant
+from qgraph.tags import EXCLUDE_TAG
+
+
+class QuantizeWinogradWeights:
+    name = "quantize_winograd_weights"
+    requires = ("insert_fake_quant",)
+
+    def run(self, graph: Graph, ctx: PassContext) -> Graph:
+        config = ctx.config or QuantConfig()
+        if config.winograd == "none":
+            raise ConfigError("quantize_winograd_weights needs QuantConfig.winograd set to F23, F43 or F63")
+        for layer in graph.nodes(QUANTIZABLE_OPS):
+            reason = _skip_reason(graph, layer)
+            if reason:
+                ctx.report.skipped(self.name, layer, reason)
+                continue
+            spec = spec_feeding(graph, layer, 1)
+            strip_fake_quant(graph, kinds=("weight",), layers={layer})
+            add_weight_fake_quant(graph, dataclasses.replace(spec, winograd=config.winograd))
+            ctx.report.changed(self.name, layer, f"weight quantized in the {config.winograd} domain, "
+                                                 "projected back with G's pseudo-inverse")
+        return graph
+
+
+def _skip_reason(graph: Graph, layer: str) -> str | None:
+    reason = winograd.unsuitable(graph, layer)
+    if reason:
+        return reason
+    if graph.attrs(layer).get(EXCLUDE_TAG):
+        return f"excluded ({graph.attrs(layer)[EXCLUDE_TAG]})"
+    spec = spec_feeding(graph, layer, 1)
+    if spec is None:
+        return "its weight is not fake-quantized (run insert_fake_quant first)"
+    if spec.winograd:
+        return f"weight already quantized in the {spec.winograd} domain"
+    return None

@@ -1,0 +1,82 @@
+"""BatchNorm folding: which layer -> BatchNorm pairs fold into one layer, and the arithmetic.
+
+With s = gamma / sqrt(running_var + eps) (gamma = 1 when fix_gamma), a layer followed by an
+inference-mode BatchNorm equals the layer with weight W * s per output channel and bias
+(b - running_mean) * s + beta. passes/fold_bn.py applies it; passes/fake_bn.py builds the same
+scale into the graph for QAT, and a fake-BN layer's weight is then already W * s (see
+`fake_bn_fold`), which fold_bn takes as it is.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import attrs as A
+from .graph import Graph, TensorRef
+from .tags import FAKE_BN_TAG
+
+FOLDABLE_OPS = ("Convolution", "Deconvolution", "FullyConnected")
+NO_BIAS_DEFAULT = {"Convolution": False, "Deconvolution": True, "FullyConnected": False}
+
+
+def channel_axis(graph: Graph, layer: str) -> int | None:
+    """The axis of a Convolution/Deconvolution/FullyConnected output that holds its channels."""
+    attrs = graph.attrs(layer)
+    if graph.op(layer) == "FullyConnected":
+        return 1 if A.get_bool(attrs, "flatten", True, layer) else -1
+    layout = attrs.get("layout", "None")
+    if layout in ("None", "NCW", "NCHW", "NCDHW"):
+        return 1
+    return -1 if layout.endswith("C") else None
+
+
+def fake_bn_fold(graph: Graph, layer: str, bn: str) -> TensorRef | None:
+    """When `layer`'s weight is fake_bn's unfold of `bn` (conv(x, Q(W*s)/s)), the tensor it
+    unfolds: the folded weight W*s (or Q(W*s)) that folding `bn` gives back. Else None."""
+    weight = graph.inputs(layer)[1].node
+    if graph.op(weight) == "broadcast_div" and graph.attrs(weight).get(FAKE_BN_TAG) == bn:
+        return graph.inputs(weight)[0]
+    return None
+
+
+def bn_fold_blocker(graph: Graph, layer: str, bn: str) -> str | None:
+    """None when BatchNorm `bn`, reading `layer`'s output, can be folded into `layer`'s weight
+    and bias; else the reason it cannot."""
+    users = graph.consumers(layer)
+    if len(users) > 1 or graph.is_graph_output(layer):
+        others = sorted({c for c, _ in users if c != bn}) or ["a graph output"]
+        return f"output of {layer} is also read by {others}"
+    for index in (1, 2):
+        if graph.consumers(TensorRef(bn, index)) or graph.is_graph_output(TensorRef(bn, index)):
+            return f"{bn} output {index} (batch mean/var) is used"
+    non_params = [r.node for r in graph.inputs(bn)[1:] if not graph.is_param(r.node)]
+    if non_params:
+        return f"BatchNorm statistics {non_params} are not stored parameters"
+    weight = graph.inputs(layer)[1].node
+    if not graph.is_param(weight) and fake_bn_fold(graph, layer, bn) is None:
+        return f"weight '{weight}' of {layer} is computed, not a stored parameter"
+    bn_axis = A.get_int(graph.attrs(bn), "axis", 1, bn)
+    layer_axis = channel_axis(graph, layer)
+    if layer_axis is None or bn_axis != layer_axis:
+        return f"BatchNorm axis {bn_axis} is not the channel axis of {layer}"
+    return None
+
+
+def bn_scale_shift(graph: Graph, bn: str) -> tuple[np.ndarray, np.ndarray]:
+    """(s, beta - running_mean * s) of an inference-mode BatchNorm, in float64."""
+    attrs = graph.attrs(bn)
+    gamma, beta, mean, var = (graph.params[r.node].astype(np.float64) for r in graph.inputs(bn)[1:5])
+    if A.get_bool(attrs, "fix_gamma", True, bn):
+        gamma = np.ones_like(gamma)
+    scale = gamma / np.sqrt(var + A.get_float(attrs, "eps", 1e-3, bn))
+    return scale, beta - mean * scale
+
+
+def scaled_weight(op: str, weight: np.ndarray, scale: np.ndarray, num_group: int) -> np.ndarray:
+    """`weight` times `scale` per output channel (float64), for Convolution/FullyConnected
+    (output channels first) and Deconvolution ((C_in, C_out/g, k...) per group)."""
+    w = weight.astype(np.float64)
+    if op == "Deconvolution":
+        grouped = w.reshape(num_group, w.shape[0] // num_group, w.shape[1], *w.shape[2:])
+        factor = scale.reshape(num_group, 1, w.shape[1], *([1] * (w.ndim - 2)))
+        return (grouped * factor).reshape(w.shape)
+    return w * scale.reshape(-1, *([1] * (w.ndim - 1)))

@@ -1,0 +1,164 @@
+"""The one shared helper module of the tests: tiny models with parameter values (seeded random
+weights that keep activations well-scaled), the bundled model's paths, and forward passes.
+
+Tests import it directly (`from helpers import ...`); tests/conftest.py wraps some of it as
+fixtures.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import mxnet as mx
+import numpy as np
+
+import qgraph
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+MNIST_CNN = MODELS / "mnist_cnn"
+RESNET20 = MODELS / "cifar_resnet20_v1"
+MOBILENET = MODELS / "mobilenet0.5_cifar10"
+F32 = np.float32
+
+
+# ---------------------------------------------------------------------- tiny models with params
+class Model(NamedTuple):
+    """A Symbol with parameter values: `params` maps bare names (no arg:/aux: prefix) to numpy."""
+
+    symbol: mx.sym.Symbol
+    params: dict
+    input_shapes: dict
+    aux_names: frozenset
+
+    @property
+    def json(self) -> str:
+        return self.symbol.tojson()
+
+    def inputs(self, seed: int = 0) -> dict:
+        rng = np.random.default_rng(seed)
+        return {k: rng.standard_normal(s).astype(np.float32) for k, s in self.input_shapes.items()}
+
+
+def init_params(symbol, input_shapes: dict, seed: int = 0) -> dict:
+    """Sensible, non-trivial values for every parameter and auxiliary state of `symbol`.
+
+    Weights ~ N(0, 1/sqrt(fan_in)), biases and betas small, gammas around 1, BatchNorm
+    running statistics random (mean != 0, var != 1), so a no-op BN would be noticed.
+    """
+    rng = np.random.default_rng(seed)
+    arg_shapes, _, aux_shapes = symbol.infer_shape(**input_shapes)
+    shapes = dict(zip(symbol.list_arguments(), arg_shapes))
+    shapes.update(zip(symbol.list_auxiliary_states(), aux_shapes))
+    params = {}
+    for name, shape in shapes.items():
+        if name in input_shapes:
+            continue
+        if name.endswith("_weight"):
+            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
+            value = rng.normal(0.0, 1.0 / np.sqrt(max(fan_in, 1)), shape)
+        elif name.endswith("_gamma"):
+            value = rng.uniform(0.5, 1.5, shape)
+        elif name.endswith("_moving_var"):
+            value = rng.uniform(0.5, 2.0, shape)
+        elif name.endswith("_moving_mean"):
+            value = rng.normal(0.0, 0.3, shape)
+        else:  # biases, betas
+            value = rng.normal(0.0, 0.1, shape)
+        params[name] = value.astype(np.float32)
+    return params
+
+
+def make_model(symbol, input_shapes: dict, seed: int = 0) -> Model:
+    return Model(symbol, init_params(symbol, input_shapes, seed), dict(input_shapes),
+                 frozenset(symbol.list_auxiliary_states()))
+
+
+def build_everything_symbol():
+    """One of each operator shape the IR must round-trip: biased/unbiased, grouped and depthwise
+    convolution, Deconvolution, FullyConnected, BatchNorm with fix_gamma True and False,
+    Activation, Pooling, Concat, a two-output split whose outputs are read swapped, ops
+    reading the same tensor twice, and graph heads in an order that is not topological."""
+    S = mx.sym
+    data = S.var("data")
+    conv1 = S.Convolution(data, num_filter=8, kernel=(3, 3), pad=(1, 1), name="conv1")
+    bn1 = S.BatchNorm(conv1, fix_gamma=False, eps=1e-5, name="bn1")
+    relu1 = S.Activation(bn1, act_type="relu", name="relu1")
+    split = S.SliceChannel(relu1, num_outputs=2, axis=1, name="split")
+    swapped = S.Concat(split[1], split[0], dim=1, name="swap")
+    gconv = S.Convolution(swapped, num_filter=8, kernel=(3, 3), pad=(1, 1), num_group=2,
+                          no_bias=True, name="gconv")
+    bn2 = S.BatchNorm(gconv, fix_gamma=True, name="bn2")
+    tanh2 = S.Activation(bn2, act_type="tanh", name="tanh2")
+    dwconv = S.Convolution(tanh2, num_filter=8, kernel=(3, 3), pad=(1, 1), num_group=8, name="dwconv")
+    square = S.broadcast_mul(dwconv, dwconv, name="square")
+    doubled = S.elemwise_add(square, square, name="double")
+    pool = S.Pooling(doubled, kernel=(2, 2), stride=(2, 2), pool_type="max", name="pool")
+    deconv = S.Deconvolution(pool, num_filter=4, kernel=(2, 2), stride=(2, 2), name="deconv")
+    bn3 = S.BatchNorm(deconv, fix_gamma=False, eps=1e-4, name="bn3")
+    sig3 = S.Activation(bn3, act_type="sigmoid", name="sig3")
+    gap = S.Pooling(sig3, kernel=(1, 1), global_pool=True, pool_type="avg", name="gap")
+    fc = S.FullyConnected(gap, num_hidden=10, name="fc")
+    # heads: not in topological order; the split's second output is a head as well
+    return S.Group([fc, split[1], bn2, pool])
+
+
+EVERYTHING_HEADS = (("fc", 0), ("split", 1), ("bn2", 0), ("pool", 0))
+
+
+def build_small_symbol():
+    """data -> conv -> bn -> relu -> fc: the smallest net with params, aux states and a BN."""
+    S = mx.sym
+    data = S.var("data")
+    conv = S.Convolution(data, num_filter=4, kernel=(3, 3), pad=(1, 1), name="conv0")
+    bn = S.BatchNorm(conv, fix_gamma=False, name="bn0")
+    relu = S.Activation(bn, act_type="relu", name="relu0")
+    return S.FullyConnected(relu, num_hidden=5, name="fc0")
+
+
+def build_tiny_symbol():
+    """data -> conv (1x1, no bias) -> relu: the smallest graph for edit verbs."""
+    S = mx.sym
+    conv = S.Convolution(S.var("data"), num_filter=2, kernel=(1, 1), no_bias=True, name="c")
+    return S.Activation(conv, act_type="relu", name="r")
+
+
+def graph_of(model: Model):
+    """A qgraph Graph of `model` with its input shapes set."""
+    graph = qgraph.Graph.from_json(model.json, model.params)
+    graph.input_shapes = dict(model.input_shapes)
+    return graph
+
+
+# ---------------------------------------------------------------------- running graphs with mx.nd
+def run_symbol(symbol, params: dict, inputs: dict) -> list:
+    """Forward `symbol` (inference mode) through a bound executor; numpy outputs."""
+    aux_names = set(symbol.list_auxiliary_states())
+    args = {k: mx.nd.array(v, dtype=v.dtype) for k, v in {**params, **inputs}.items() if k not in aux_names}
+    aux = {k: mx.nd.array(v, dtype=v.dtype) for k, v in params.items() if k in aux_names}
+    executor = symbol.bind(mx.cpu(), args=args, aux_states=aux, grad_req="null")
+    return [o.asnumpy() for o in executor.forward(is_train=False)]
+
+
+def run_block(block, inputs: dict, names) -> list:
+    """Forward a (Symbol)Block on numpy inputs given in `names` order; always a list of numpy."""
+    out = block(*[mx.nd.array(inputs[n]) for n in names])
+    out = out if isinstance(out, (list, tuple)) else [out]
+    return [o.asnumpy() for o in out]
+
+
+def run_graph(graph, inputs: dict) -> list:
+    """Forward a qgraph Graph through qgraph.to_block."""
+    return run_block(qgraph.to_block(graph), inputs, graph.input_names)
+
+
+def random_params(shapes: dict, seed: int = 0, scale: float | None = None) -> dict:
+    """Float32 values for parameter name -> shape, with the conventions of init_params (weights
+    ~ N(0, 1/sqrt(fan_in)), or N(0, scale) when given)."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in shapes.items():
+        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
+        std = scale if scale is not None else (1.0 / np.sqrt(max(fan_in, 1)) if name.endswith("_weight") else 0.1)
+        params[name] = rng.normal(0.0, std, shape).astype(F32)
+    return params
