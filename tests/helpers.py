@@ -40,11 +40,16 @@ class Model(NamedTuple):
         return {k: rng.standard_normal(s).astype(np.float32) for k, s in self.input_shapes.items()}
 
 
-def init_params(symbol, input_shapes: dict, seed: int = 0) -> dict:
-    """Sensible, non-trivial values for every parameter and auxiliary state of `symbol`.
+def init_params(symbol, input_shapes: dict, seed: int = 0, weight_gain: float = 1.0, weight_std: float | None = None,
+                channel_spread: tuple | None = None, bias_std: float = 0.1, mean_std: float = 0.3,
+                var_range: tuple = (0.5, 2.0), gamma_range: tuple = (0.5, 1.5)) -> dict:
+    """Sensible, non-trivial float32 values for every parameter and auxiliary state of `symbol`:
+    the one random-parameter initialiser of the tests.
 
-    Weights ~ N(0, 1/sqrt(fan_in)), biases and betas small, gammas around 1, BatchNorm
-    running statistics random (mean != 0, var != 1), so a no-op BN would be noticed.
+    Weights ~ N(0, weight_gain / sqrt(fan_in)) (or N(0, weight_std)), each output channel
+    scaled by U(channel_spread) when given (so per-channel scales differ); biases and betas
+    N(0, bias_std); gammas U(gamma_range); BatchNorm running statistics random (mean
+    N(0, mean_std), var U(var_range)), so a no-op BN would be noticed.
     """
     rng = np.random.default_rng(seed)
     arg_shapes, _, aux_shapes = symbol.infer_shape(**input_shapes)
@@ -54,17 +59,20 @@ def init_params(symbol, input_shapes: dict, seed: int = 0) -> dict:
     for name, shape in shapes.items():
         if name in input_shapes:
             continue
-        if name.endswith("_weight"):
+        if name.endswith("weight"):
             fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
-            value = rng.normal(0.0, 1.0 / np.sqrt(max(fan_in, 1)), shape)
-        elif name.endswith("_gamma"):
-            value = rng.uniform(0.5, 1.5, shape)
-        elif name.endswith("_moving_var"):
-            value = rng.uniform(0.5, 2.0, shape)
-        elif name.endswith("_moving_mean"):
-            value = rng.normal(0.0, 0.3, shape)
+            std = weight_std if weight_std is not None else weight_gain / np.sqrt(max(fan_in, 1))
+            value = rng.normal(0.0, std, shape)
+            if channel_spread is not None:
+                value = value * rng.uniform(*channel_spread, (shape[0],) + (1,) * (len(shape) - 1))
+        elif name.endswith("gamma"):
+            value = rng.uniform(*gamma_range, shape)
+        elif name.endswith("moving_var"):
+            value = rng.uniform(*var_range, shape)
+        elif name.endswith("moving_mean"):
+            value = rng.normal(0.0, mean_std, shape)
         else:  # biases, betas
-            value = rng.normal(0.0, 0.1, shape)
+            value = rng.normal(0.0, bias_std, shape)
         params[name] = value.astype(np.float32)
     return params
 
@@ -151,14 +159,3 @@ def run_graph(graph, inputs: dict) -> list:
     """Forward a qgraph Graph through qgraph.to_block."""
     return run_block(qgraph.to_block(graph), inputs, graph.input_names)
 
-
-def random_params(shapes: dict, seed: int = 0, scale: float | None = None) -> dict:
-    """Float32 values for parameter name -> shape, with the conventions of init_params (weights
-    ~ N(0, 1/sqrt(fan_in)), or N(0, scale) when given)."""
-    rng = np.random.default_rng(seed)
-    params = {}
-    for name, shape in shapes.items():
-        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
-        std = scale if scale is not None else (1.0 / np.sqrt(max(fan_in, 1)) if name.endswith("_weight") else 0.1)
-        params[name] = rng.normal(0.0, std, shape).astype(F32)
-    return params

@@ -6,12 +6,13 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 import pytest
+from helpers import init_params
 from mxnet import autograd
 
 import passes
 import qgraph
 from qgraph import PassContext
-from qgraph.quantizer import FAKE_BN_TAG
+from qgraph.tags import FAKE_BN_TAG
 
 ROOT = Path(__file__).resolve().parents[2]
 RESNET = ROOT / "models" / "cifar_resnet20_v1"
@@ -26,21 +27,7 @@ def _conv_bn_symbol(fix_gamma=False, bias=False):
 
 
 def _params(symbol, seed=0):
-    rng = np.random.RandomState(seed)
-    arg_shapes, _, aux_shapes = symbol.infer_shape(data=(8, 3, 6, 6))
-    params = {}
-    for name, shape in zip(symbol.list_arguments(), arg_shapes):
-        if name == "data":
-            continue
-        if name.endswith("gamma"):
-            params[name] = rng.uniform(0.5, 1.5, shape)
-        elif name.endswith(("beta", "bias")):
-            params[name] = rng.normal(0, 0.3, shape)
-        else:
-            params[name] = rng.normal(0, 0.4, shape)
-    for name, shape in zip(symbol.list_auxiliary_states(), aux_shapes):
-        params[name] = rng.normal(0, 0.5, shape) if "mean" in name else rng.uniform(0.5, 2.0, shape)
-    return {k: v.astype(np.float32) for k, v in params.items()}
+    return init_params(symbol, {"data": (8, 3, 6, 6)}, seed, weight_std=0.4, bias_std=0.3, mean_std=0.5)
 
 
 def _graph(**kwargs):

@@ -4,6 +4,7 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 import pytest
+from helpers import init_params
 
 import passes
 import qgraph
@@ -13,27 +14,13 @@ from passes.fold_bn import FoldBN
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _random_params(symbol, input_shapes, rng):
-    arg_shapes, _, aux_shapes = symbol.infer_shape(**input_shapes)
-    params = {}
-    for name, shape in zip(symbol.list_arguments(), arg_shapes):
-        if name in input_shapes:
-            continue
-        if name.endswith("gamma"):
-            params[name] = rng.uniform(0.5, 1.5, shape)
-        elif name.endswith(("beta", "bias")):
-            params[name] = rng.normal(0, 0.2, shape)
-        else:
-            fan_in = int(np.prod(shape[1:])) or 1
-            params[name] = rng.normal(0, 1 / np.sqrt(fan_in), shape)
-    for name, shape in zip(symbol.list_auxiliary_states(), aux_shapes):
-        params[name] = rng.normal(0, 0.3, shape) if "mean" in name else rng.uniform(0.3, 3.0, shape)
-    return {k: v.astype(np.float32) for k, v in params.items()}
+def _random_params(symbol, input_shapes, seed):
+    return init_params(symbol, input_shapes, seed, bias_std=0.2, var_range=(0.3, 3.0))
 
 
 def _graph(symbol, input_shape, seed=0):
     shapes = {"data": input_shape}
-    params = _random_params(symbol, shapes, np.random.RandomState(seed))
+    params = _random_params(symbol, shapes, seed)
     graph = qgraph.Graph.from_json(symbol.tojson(), params, input_names=["data"])
     graph.input_shapes = shapes
     return graph

@@ -8,10 +8,12 @@ import json
 import mxnet as mx
 import numpy as np
 import pytest
+from helpers import init_params
 
 import passes
 import qgraph
 from passes.insert_fake_quant import InsertFakeQuant
+
 from qgraph import Graph, PassError, PassManager, QuantConfig
 
 F32 = np.float32
@@ -20,22 +22,7 @@ S = mx.sym
 
 
 def _params(symbol, data_shape, seed=0):
-    rng = np.random.default_rng(seed)
-    arg_shapes, _, aux_shapes = symbol.infer_shape(data=data_shape)
-    params = {}
-    for name, shape in zip(symbol.list_arguments(), arg_shapes):
-        if name == "data":
-            continue
-        if name.endswith("weight"):
-            fan_in = int(np.prod(shape[1:]))
-            params[name] = rng.normal(0, np.sqrt(2.0 / fan_in), shape)
-        elif name.endswith("gamma"):
-            params[name] = rng.uniform(0.5, 1.5, shape)
-        else:
-            params[name] = rng.normal(0, 0.1, shape)
-    for name, shape in zip(symbol.list_auxiliary_states(), aux_shapes):
-        params[name] = rng.normal(0, 0.3, shape) if "mean" in name else rng.uniform(0.5, 2.0, shape)
-    return {k: v.astype(F32) for k, v in params.items()}
+    return init_params(symbol, {"data": data_shape}, seed, weight_gain=np.sqrt(2.0))
 
 
 def _graph(symbol, data_shape, seed=0, shapes=True):

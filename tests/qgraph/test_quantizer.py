@@ -22,6 +22,7 @@ import json
 import mxnet as mx
 import numpy as np
 import pytest
+from helpers import init_params
 from mxnet import autograd
 
 import passes
@@ -162,17 +163,7 @@ LAYERS = {
 def _params(symbol, data_shape, seed=0, dead_channel=None):
     """Weights ~ N(0, 1) with varied magnitudes per output channel (so per-channel scales
     differ), small biases. `dead_channel`: zero the weights of that output channel."""
-    rng = np.random.default_rng(seed)
-    arg_shapes, _, _ = symbol.infer_shape(data=data_shape)
-    params = {}
-    for name, shape in zip(symbol.list_arguments(), arg_shapes):
-        if name == "data":
-            continue
-        if name.endswith("weight"):
-            value = rng.standard_normal(shape) * rng.uniform(0.2, 3.0, (shape[0],) + (1,) * (len(shape) - 1))
-        else:
-            value = rng.normal(0, 0.1, shape)
-        params[name] = value.astype(F32)
+    params = init_params(symbol, {"data": data_shape}, seed, weight_std=1.0, channel_spread=(0.2, 3.0))
     if dead_channel is not None:  # Deconvolution weights are (C_in, C_out/g, k...)
         deconv = "Deconvolution" in symbol.tojson()
         params["layer_weight"][(slice(None), dead_channel) if deconv else dead_channel] = 0

@@ -41,7 +41,7 @@ def test_every_seed_flag_parses_with_the_seed_default():
     for name, default in SEED_DEFAULTS.items():
         assert getattr(args, name) == default, name
     assert args.calib_mode is None and args.num_sample is None  # resolved to naive / 5 per class when used
-    assert sq.DEFAULT_NUM_SAMPLE == 5
+    assert len(sq.calibration_images(args, "mnist")) == 5 * 10  # the seed's 5 per class
 
 
 def test_seed_flags_take_the_seed_spellings():
