@@ -26,8 +26,8 @@ from qgraph.errors import ConfigError
 from qgraph.graph import Graph
 from qgraph.pass_manager import PassContext
 from qgraph.quantizer import (QUANTIZABLE_OPS, FakeQuantSpec, add_input_fake_quant, add_weight_fake_quant,
-                              spec_feeding, strip_fake_quant)
-from qgraph.tags import EXCLUDE_TAG, FQ_TAG, WINOGRAD_PRODUCT_TAG, WINOGRAD_TAG
+                              spec_feeding, strip_fake_quant, winograd_candidate)
+from qgraph.tags import FQ_TAG
 
 
 class LowerWinogradKernel:
@@ -39,33 +39,16 @@ class LowerWinogradKernel:
         if config.winograd == "none":
             raise ConfigError("lower_winograd_kernel needs QuantConfig.winograd set to F23, F43 or F63")
         for layer in graph.nodes(QUANTIZABLE_OPS):
-            reason = _skip_reason(graph, layer)
+            weight_spec, reason = winograd_candidate(graph, layer)
             if reason:
                 ctx.report.skipped(self.name, layer, reason)
                 continue
-            weight_spec, input_spec = spec_feeding(graph, layer, 1), spec_feeding(graph, layer, 0)
+            input_spec = spec_feeding(graph, layer, 0)
             product = _rewrite(graph, layer, weight_spec, input_spec, config.winograd)
             tiles = f", tiles int{input_spec.bits}" if input_spec else ""
             ctx.report.changed(self.name, layer, f"{config.winograd} Winograd kernel ({product}): weights "
                                                  f"int{weight_spec.bits} per {weight_spec.granularity}{tiles}")
         return graph
-
-
-def _skip_reason(graph: Graph, layer: str) -> str | None:
-    attrs = graph.attrs(layer)
-    if attrs.get(WINOGRAD_TAG) or attrs.get(WINOGRAD_PRODUCT_TAG):
-        return "part of a Winograd kernel already"
-    reason = winograd.unsuitable(graph, layer)
-    if reason:
-        return reason
-    if attrs.get(EXCLUDE_TAG):
-        return f"excluded ({attrs[EXCLUDE_TAG]})"
-    spec = spec_feeding(graph, layer, 1)
-    if spec is None:
-        return "its weight is not fake-quantized (run insert_fake_quant first)"
-    if spec.winograd:
-        return f"weight already quantized in the {spec.winograd} domain"
-    return None
 
 
 def _rewrite(graph: Graph, layer: str, weight_spec: FakeQuantSpec, input_spec: FakeQuantSpec | None,

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from qgraph import winograd
 from qgraph.config import QuantConfig
 from qgraph.errors import ConfigError
 from qgraph.graph import Graph
 from qgraph.pass_manager import PassContext
-from qgraph.quantizer import QUANTIZABLE_OPS, add_weight_fake_quant, spec_feeding, strip_fake_quant
-from qgraph.tags import EXCLUDE_TAG
+from qgraph.quantizer import QUANTIZABLE_OPS, add_weight_fake_quant, strip_fake_quant, winograd_candidate
 
 
 class QuantizeWinogradWeights:
@@ -31,27 +29,13 @@ class QuantizeWinogradWeights:
         if config.winograd == "none":
             raise ConfigError("quantize_winograd_weights needs QuantConfig.winograd set to F23, F43 or F63")
         for layer in graph.nodes(QUANTIZABLE_OPS):
-            reason = _skip_reason(graph, layer)
+            spec, reason = winograd_candidate(graph, layer)
             if reason:
                 ctx.report.skipped(self.name, layer, reason)
                 continue
-            spec = spec_feeding(graph, layer, 1)
             strip_fake_quant(graph, kinds=("weight",), layers={layer})
             add_weight_fake_quant(graph, dataclasses.replace(spec, winograd=config.winograd))
             ctx.report.changed(self.name, layer, f"weight quantized in the {config.winograd} domain, "
                                                  "projected back with G's pseudo-inverse")
         return graph
 
-
-def _skip_reason(graph: Graph, layer: str) -> str | None:
-    reason = winograd.unsuitable(graph, layer)
-    if reason:
-        return reason
-    if graph.attrs(layer).get(EXCLUDE_TAG):
-        return f"excluded ({graph.attrs(layer)[EXCLUDE_TAG]})"
-    spec = spec_feeding(graph, layer, 1)
-    if spec is None:
-        return "its weight is not fake-quantized (run insert_fake_quant first)"
-    if spec.winograd:
-        return f"weight already quantized in the {spec.winograd} domain"
-    return None

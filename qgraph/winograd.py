@@ -27,7 +27,7 @@ import numpy as np
 from . import attrs as A
 from .errors import ConfigError
 from .graph import Graph, NodeBuilder, TensorRef
-from .tags import WINOGRAD_PRODUCT_TAG, WINOGRAD_TAG
+from .tags import EXCLUDE_TAG, WINOGRAD_PRODUCT_TAG, WINOGRAD_TAG
 
 TILES = ("F23", "F43", "F63")
 _POINTS = {
@@ -218,8 +218,11 @@ def _regroup(node: NodeBuilder, x: TensorRef, outer: int, inner: int, suffix: st
 
 def unsuitable(graph: Graph, layer: str) -> str | None:
     """Why a Winograd F(m, 3) kernel cannot run `layer`, or None: it must be a 2-D NCHW
-    Convolution with a 3x3 kernel, stride 1 and no dilation."""
+    Convolution with a 3x3 kernel, stride 1 and no dilation, not kept in float, and not
+    already part of a Winograd kernel."""
     op, attrs = graph.op(layer), graph.attrs(layer)
+    if attrs.get(WINOGRAD_TAG) or attrs.get(WINOGRAD_PRODUCT_TAG):
+        return "part of a Winograd kernel already"
     if op != "Convolution":
         return f"{op} is not a Convolution"
     kernel = A.get_tuple(attrs, "kernel", (), layer)
@@ -235,4 +238,6 @@ def unsuitable(graph: Graph, layer: str) -> str | None:
         return f"dilation {tuple(dilate)} is not 1"
     if attrs.get("layout", "None") not in ("None", "NCHW"):
         return f"layout {attrs['layout']} is not NCHW"
+    if attrs.get(EXCLUDE_TAG):
+        return f"excluded ({attrs[EXCLUDE_TAG]})"
     return None

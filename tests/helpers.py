@@ -159,3 +159,19 @@ def run_graph(graph, inputs: dict) -> list:
     """Forward a qgraph Graph through qgraph.to_block."""
     return run_block(qgraph.to_block(graph), inputs, graph.input_names)
 
+
+
+def write_recordio(folder, name="set", count=6, corrupt=None, shape=(12, 10, 3), classes=3):
+    """A small indexed RecordIO file NAME.rec + NAME.idx of random JPEGs labelled i % classes;
+    record `corrupt` holds bytes that are no image. Returns the .rec path."""
+    rng = np.random.RandomState(0)
+    writer = mx.recordio.MXIndexedRecordIO(str(Path(folder) / f"{name}.idx"), str(Path(folder) / f"{name}.rec"), "w")
+    for i in range(count):
+        header = mx.recordio.IRHeader(0, float(i % classes), i, 0)
+        if i == corrupt:
+            writer.write_idx(i, mx.recordio.pack(header, b"not an image at all"))
+        else:
+            image = rng.randint(0, 256, shape).astype(np.uint8)
+            writer.write_idx(i, mx.recordio.pack_img(header, image, quality=95, img_fmt=".jpg"))
+    writer.close()
+    return Path(folder) / f"{name}.rec"

@@ -42,7 +42,8 @@ from qgraph import data  # noqa: E402
 from qgraph.cli import (add_calib_args, add_model_file_args, add_quant_args, calibration_from_args,  # noqa: E402
                         config_from_args, positive_int, run_reporting_errors, shape_arg)
 from qgraph.deploy import ncnn as deploy  # noqa: E402
-from qgraph.io import guess_input_shapes, model_files, model_prefix, write_files_atomic  # noqa: E402
+from qgraph.io import (check_output_prefix, guess_input_shapes, model_files, model_prefix,  # noqa: E402
+                       write_files_atomic)
 
 PROG = "export_ncnn.py"
 CIFAR10_PER_CLASS = 20  # calibration images per class drawn from the CIFAR-10 training set
@@ -110,6 +111,7 @@ def run(args) -> int:
     if data_dir is not None and not args.input_shape:
         shape = data.CIFAR10.input_shape
     graph.input_shapes = {args.input_name: tuple(shape)}
+    check_output_prefix(out)
     if args.verify and not args.no_int8 and data_dir is None and not args.verify_data:
         raise qgraph.ConfigError("--verify needs test images: --data-dir (CIFAR-10) or --verify-data")
     if not args.no_int8 and not args.calib_data and data_dir is None:

@@ -113,10 +113,9 @@ def calibration_images(args):
     return data.calibration_subset(args.dataset, args.data_dir, args.num_sample, args.fixed_random_seed)
 
 
-def build(args, ctx):
+def build(args, ctx, files):
     """The network to train: a calibrated QuantizedNet (--qat) or a fresh FP32 HybridBlock."""
     if args.qat:
-        files = model_files(args.symbol, args.params)  # checked before any data is read
         net = passes.quantize(qgraph.load_files(*files), config_from_args(args).replace(fake_bn=args.fake_bn,
                                                                                          online=False), ctx=ctx[0])
         logging.info("%s", net.report.format())
@@ -134,10 +133,13 @@ def run(args) -> int:
     ctx = [mx.gpu(int(i)) for i in args.gpus.split(",") if i.strip()] or [mx.cpu(i) for i in range(max(1, args.cpus))]
     mx.random.seed(args.seed)
     rng = np.random.RandomState(args.seed)
-    check_output_prefix(args.out)
+    files = model_files(args.symbol, args.params) if args.qat else None  # inputs first, then the output
     if args.dataset == "cifar10":
         args.data_dir = data.data_dir_for("cifar10", args.data_dir)
-    net = build(args, ctx)
+        for split in ("train", "test"):
+            data.record_file("cifar10", args.data_dir, split)
+    check_output_prefix(args.out)
+    net = build(args, ctx, files)
     test = data.eval_set(args.dataset, args.data_dir)
     if args.qat:
         logging.info("before QAT: test top-1 %.4f", top1(net, test.images, test.labels))

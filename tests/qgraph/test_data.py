@@ -4,24 +4,14 @@ import cv2
 import mxnet as mx
 import numpy as np
 import pytest
+from helpers import write_recordio
 
 from qgraph import DataError, data
 from qgraph.errors import ConfigError
 
 
 def _write_rec(folder, name="set", count=6, corrupt=None, shape=(12, 10, 3)):
-    """A small indexed RecordIO file of JPEGs with labels i % 3; `corrupt` record gets garbage bytes."""
-    rng = np.random.RandomState(0)
-    writer = mx.recordio.MXIndexedRecordIO(str(folder / f"{name}.idx"), str(folder / f"{name}.rec"), "w")
-    for i in range(count):
-        header = mx.recordio.IRHeader(0, float(i % 3), i, 0)
-        if i == corrupt:
-            writer.write_idx(i, mx.recordio.pack(header, b"not an image at all"))
-        else:
-            image = rng.randint(0, 256, shape).astype(np.uint8)
-            writer.write_idx(i, mx.recordio.pack_img(header, image, quality=95, img_fmt=".jpg"))
-    writer.close()
-    return folder / f"{name}.rec"
+    return write_recordio(folder, name, count, corrupt, shape)
 
 
 def test_a_valid_file_passes_with_and_without_its_index(tmp_path):
