@@ -55,7 +55,7 @@ def _skip_reason(graph: Graph, layer: str) -> str | None:
 
 
 def _insert_weight(graph: Graph, layer: str, config: QuantConfig) -> str:
-    add_weight_fake_quant(graph, weight_spec(graph, layer, config.weight_bits, config.quant_type))
+    add_weight_fake_quant(graph, weight_spec(graph, layer, config.weight_bits, config.quant_type, config.rounding))
     return f"weight int{config.weight_bits} per {config.quant_type}"
 
 
@@ -70,7 +70,7 @@ def _insert_input(graph: Graph, layer: str, config: QuantConfig, memo: dict) -> 
         threshold = graph.add_variable(f"{layer}_data_threshold", np.zeros(1, np.float32),
                                        attrs={FQ_TAG: f"{layer}_data_fq"})
     spec = FakeQuantSpec("input", layer, 0, config.input_bits, signed=signed, online=config.online,
-                         stat=config.online_stat, threshold=threshold)
+                         stat=config.online_stat, threshold=threshold, rounding=config.rounding)
     add_input_fake_quant(graph, spec)
     kind = "int" if signed else "uint"
     return f"input {kind}{config.input_bits} {'online' if config.online else 'offline (calibrate)'}"

@@ -64,12 +64,12 @@ def _rewrite(graph: Graph, layer: str, weight_spec: FakeQuantSpec, input_spec: F
                      "channel": ((n * n, c_out, -1), (0, 2))}[weight_spec.granularity]
     add_weight_fake_quant(graph, FakeQuantSpec("weight", kernel.product, 1, weight_spec.bits, signed=True,
                                                granularity=weight_spec.granularity, reshape=reshape, axes=axes,
-                                               shape=(n * n * c_out, c_in_g, 1, 1)))
+                                               shape=(n * n * c_out, c_in_g, 1, 1), rounding=weight_spec.rounding))
     if input_spec is None:
         return kernel.product
     x_spec = dataclasses.replace(input_spec, layer=kernel.padded, slot=0)
     tile_spec = FakeQuantSpec("input", kernel.product, 0, input_spec.bits, signed=True, online=input_spec.online,
-                              stat=input_spec.stat)
+                              stat=input_spec.stat, rounding=input_spec.rounding)
     if threshold is not None:  # offline: stored thresholds, named as insert_fake_quant names them
         x_spec = dataclasses.replace(x_spec, threshold=graph.add_variable(
             f"{kernel.padded}_data_threshold", threshold, attrs={FQ_TAG: x_spec.id}))

@@ -11,6 +11,7 @@ QUANT_TYPES = ("layer", "group", "channel")
 ONLINE_STATS = ("max", "mean_max")
 WINOGRAD_TILES = ("none", "F23", "F43", "F63")
 WINOGRAD_MODES = ("weight", "full")
+ROUNDINGS = ("half_away", "half_even")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class QuantConfig:
     winograd: str = "none"
     winograd_mode: str = "weight"
     fake_bn: bool = False
+    rounding: str = "half_away"
 
     def __post_init__(self):
         for name in ("weight_bits", "input_bits"):
@@ -58,6 +60,8 @@ class QuantConfig:
             raise ConfigError(f"QuantConfig.online_stat={self.online_stat!r}: must be one of {', '.join(ONLINE_STATS)}")
         if self.winograd not in WINOGRAD_TILES:
             raise ConfigError(f"QuantConfig.winograd={self.winograd!r}: must be one of {', '.join(WINOGRAD_TILES)}")
+        if self.rounding not in ROUNDINGS:
+            raise ConfigError(f"QuantConfig.rounding={self.rounding!r}: must be one of {', '.join(ROUNDINGS)}")
         if self.winograd_mode not in WINOGRAD_MODES:
             raise ConfigError(f"QuantConfig.winograd_mode={self.winograd_mode!r}: must be one of "
                               f"{', '.join(WINOGRAD_MODES)}")

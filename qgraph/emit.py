@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Mapping, NamedTuple, Sequence
 
 from .graph import Graph, TensorRef
-from .quantizer import FakeQuantSpec, add_input_fake_quant, add_weight_fake_quant
+from .quantizer import FakeQuantSpec, add_fixed_weight, add_input_fake_quant, add_weight_fake_quant
 from .tags import FQ_TAG
 
 
@@ -52,16 +52,24 @@ class Emission(NamedTuple):
 
 
 def emit(float_graph: Graph, weight_specs: Sequence[FakeQuantSpec], input_specs: Sequence[FakeQuantSpec],
-         mode: Mode, thresholds: Mapping[str, float] | None = None) -> Emission:
+         mode: Mode, thresholds: Mapping[str, float] | None = None, input_shapes: Mapping | None = None,
+         fixed_weights: Mapping[str, str] | None = None) -> Emission:
     """The float graph with the fake-quant subgraphs `mode` asks for. Offline inputs read
     their threshold parameters, or, given `thresholds` (layer -> value), use those values as
-    constants, which a forward pass computes with fewer operators."""
+    constants, which a forward pass computes with fewer operators; with `input_shapes` (the
+    graph inputs' shapes) too, the evaluation form quantizes on oneDNN's reorders. Given
+    `fixed_weights` (spec id -> parameter name), the evaluation form reads each quantized weight
+    from that parameter instead of computing it (see fixed_weight_outputs)."""
     graph = float_graph.copy()
     model_outputs = len(graph.outputs)
     for bn in graph.nodes("BatchNorm") if mode.bn_frozen else ():
         graph.set_attr(bn, "use_global_stats", True)
+    data_shapes = _data_shapes(graph, input_specs, input_shapes) if input_shapes and not mode.training else {}
     for spec in weight_specs if mode.weights else ():
-        add_weight_fake_quant(graph, spec, ste=mode.training)
+        if fixed_weights is not None and not mode.training:
+            add_fixed_weight(graph, spec, fixed_weights[spec.id])
+        else:
+            add_weight_fake_quant(graph, spec, ste=mode.training)
     stats, minima, stat_layers, probe_layers = [], [], [], []
     for spec in input_specs if mode.inputs else ():
         spec = dataclasses.replace(spec, online=mode.online)
@@ -70,10 +78,36 @@ def emit(float_graph: Graph, weight_specs: Sequence[FakeQuantSpec], input_specs:
             minima.append(TensorRef(graph.add_node("min", f"{spec.id}_probe_min", [data], {FQ_TAG: spec.id})))
             probe_layers.append(spec.layer)
         value = None if mode.online or thresholds is None else thresholds[spec.layer]
-        _, stat = add_input_fake_quant(graph, spec, ste=mode.training, threshold_value=value)
+        _, stat = add_input_fake_quant(graph, spec, ste=mode.training, threshold_value=value,
+                                       data_shape=data_shapes.get(spec.layer))
         if mode.online:
             stats.append(stat)
             stat_layers.append(spec.layer)
     for ref in stats + minima:
         graph.add_output(ref)
     return Emission(graph.cleanup(), model_outputs, tuple(stat_layers), tuple(probe_layers))
+
+
+def _data_shapes(graph: Graph, input_specs, input_shapes: Mapping) -> dict[str, tuple]:
+    """layer -> shape of the data input each input spec quantizes, by MXNet's shape inference."""
+    internals = graph.to_symbol().get_internals()
+    _, shapes, _ = internals.infer_shape(**{k: tuple(v) for k, v in input_shapes.items()})
+    by_output = dict(zip(internals.list_outputs(), shapes or ()))
+    found = {}
+    for spec in input_specs:
+        ref = graph.inputs(spec.layer)[spec.slot]
+        names = [ref.node] if graph.op(ref.node) == "null" else [f"{ref.node}_output{ref.index}"] + (
+            [f"{ref.node}_output"] if ref.index == 0 else [])
+        shape = next((by_output[n] for n in names if by_output.get(n) is not None), None)
+        if shape is not None:
+            found[spec.layer] = tuple(shape)
+    return found
+
+
+def fixed_weight_outputs(float_graph: Graph, weight_specs: Sequence[FakeQuantSpec]) -> Graph:
+    """The graph that computes every quantized weight (outputs in `weight_specs` order) from the
+    float parameters, with the same operators as the simulation: evaluated once, its values
+    feed the `fixed_weights` parameters of an evaluation emission."""
+    graph = float_graph.copy()
+    exits = [TensorRef(add_weight_fake_quant(graph, spec, ste=False)) for spec in weight_specs]
+    return graph.set_outputs(exits).cleanup()

@@ -19,6 +19,7 @@ shape checks. Loading and saving files and blocks lives in qgraph.io.
 from __future__ import annotations
 
 import copy as _copy
+import heapq
 import json
 from types import MappingProxyType
 from typing import Iterable, Mapping, NamedTuple, Sequence
@@ -75,6 +76,8 @@ class Graph:
         self.input_names: list[str] = []
         self.input_shapes: dict[str, tuple] = {}
         self.json_attrs: dict = {}
+        self._edits = 0          # bumped by every structural edit; keys the cached order
+        self._order: tuple | None = None
 
     @property
     def params(self) -> Mapping[str, np.ndarray]:
@@ -219,17 +222,22 @@ class Graph:
             if name in self.input_names:
                 raise GraphError(f"{source}: '{name}' is a graph input but also has a stored value")
 
-    def to_json(self) -> str:
+    def to_json(self, indent: int | None = 2) -> str:
+        """Symbol JSON as MXNet writes it (indented by default; `indent=None` is compact)."""
         order = self.topo_order()
         position = {name: i for i, name in enumerate(order)}
         nodes = []
+        node_data, predecessors = self.nx._node, self.nx._pred
         for name in order:
-            data = self.nx.nodes[name]
+            data = node_data[name]
             entry = {"op": data["op"], "name": name}
             if data["attrs"]:
                 entry["attrs"] = dict(data["attrs"])
-            entry["inputs"] = [[position[ref.node], ref.index, ref.version] for ref in self.inputs(name)]
-            entry.update(_copy.deepcopy(data["extra"]))
+            edges = sorted((d["slot"], position[src], d["index"], d["version"])
+                           for src, keyed in predecessors[name].items() for d in keyed.values())
+            entry["inputs"] = [[p, i, v] for _, p, i, v in edges]
+            if data["extra"]:
+                entry.update(_copy.deepcopy(data["extra"]))
             nodes.append(entry)
         doc = {
             "nodes": nodes,
@@ -237,11 +245,11 @@ class Graph:
             "heads": [[position[r.node], r.index, r.version] for r in self._outputs],
             "attrs": _copy.deepcopy(self.json_attrs) or {"mxnet_version": ["int", 10901]},
         }
-        return json.dumps(doc, indent=2)
+        return json.dumps(doc, indent=indent)
 
     def to_symbol(self):
         try:
-            return mx.sym.load_json(self.to_json())
+            return mx.sym.load_json(self.to_json(indent=None))
         except mx.base.MXNetError as err:
             raise GraphError(f"MXNet rejects the graph: {mxnet_error_line(err)}") from None
 
@@ -261,6 +269,7 @@ class Graph:
         other.input_names = list(self.input_names)
         other.input_shapes = dict(self.input_shapes)
         other.json_attrs = _copy.deepcopy(self.json_attrs)
+        other._edits, other._order = self._edits, self._order
         return other
 
     # ------------------------------------------------------------------ queries
@@ -271,11 +280,11 @@ class Graph:
         return self.nx.number_of_nodes()
 
     def op(self, name: str) -> str:
-        return self.nx.nodes[name]["op"]
+        return self.nx._node[name]["op"]
 
     def attrs(self, name: str) -> dict:
         """The node's attributes (read-only by convention; use set_attr to change)."""
-        return self.nx.nodes[name]["attrs"]
+        return self.nx._node[name]["attrs"]
 
     def nodes(self, op: str | Iterable[str] | None = None) -> list[str]:
         """Node names in topological order, optionally only those with the given op(s)."""
@@ -289,12 +298,31 @@ class Graph:
         return name in self._params
 
     def topo_order(self) -> list[str]:
-        rank = {name: i for i, name in enumerate(self.nx.nodes)}
-        try:
-            return list(nx.lexicographical_topological_sort(self.nx, key=rank.__getitem__))
-        except nx.NetworkXUnfeasible:
-            cycle = nx.find_cycle(self.nx)
-            raise GraphError(f"graph has a cycle through {[edge[0] for edge in cycle]}") from None
+        """Node names in topological order, ties broken by insertion order (so an unedited graph
+        keeps its JSON order). Cached until the next structural edit."""
+        key = (self._edits, self.nx.number_of_nodes(), self.nx.number_of_edges())
+        if self._order is None or self._order[0] != key:
+            self._order = (key, self._sorted())
+        return list(self._order[1])
+
+    def _sorted(self) -> list[str]:
+        rank = {name: i for i, name in enumerate(self.nx)}
+        pending = {name: degree for name, degree in self.nx.in_degree()}
+        ready = [(rank[n], n) for n, degree in pending.items() if degree == 0]
+        heapq.heapify(ready)
+        order = []
+        successors = self.nx._succ
+        while ready:
+            _, name = heapq.heappop(ready)
+            order.append(name)
+            for dst, edges in successors[name].items():
+                pending[dst] -= len(edges)
+                if pending[dst] == 0:
+                    heapq.heappush(ready, (rank[dst], dst))
+        if len(order) != len(rank):
+            cycle = nx.find_cycle(self.nx.subgraph([n for n in rank if pending[n] > 0]))
+            raise GraphError(f"graph has a cycle through {[edge[0] for edge in cycle]}")
+        return order
 
     def inputs(self, name: str) -> list[TensorRef]:
         """The tensors feeding `name`, ordered by input slot."""
@@ -354,6 +382,7 @@ class Graph:
             # MXNet cannot infer a parameter's shape backwards through broadcast ops
             attrs.setdefault("__shape__", format_tuple(value.shape))
         self.nx.add_node(name, op="null", attrs=attrs, extra={})
+        self._edits += 1
         if value is None:
             self.input_names.append(name)
         else:
@@ -387,6 +416,7 @@ class Graph:
         self.nx.add_node(name, op=op, attrs={k: str(v) for k, v in (attrs or {}).items()}, extra={})
         for slot, ref in enumerate(refs):
             self.nx.add_edge(ref.node, name, index=ref.index, slot=slot, version=ref.version)
+        self._edits += 1
         return name
 
     def set_attr(self, name: str, key: str, value) -> None:
@@ -405,6 +435,7 @@ class Graph:
         for src, key in doomed:
             self.nx.remove_edge(src, name, key)
         self.nx.add_edge(ref.node, name, index=ref.index, slot=slot, version=ref.version)
+        self._edits += 1
 
     def add_input(self, name: str, tensor) -> int:
         """Append `tensor` as the next input slot of `name` (e.g. a bias); returns the slot."""
@@ -413,6 +444,7 @@ class Graph:
         self._need(ref.node, "input tensor")
         slot = self.nx.in_degree(name)
         self.nx.add_edge(ref.node, name, index=ref.index, slot=slot, version=ref.version)
+        self._edits += 1
         return slot
 
     def add_output(self, tensor) -> TensorRef:
@@ -467,6 +499,7 @@ class Graph:
         if users or any(o.node == name for o in self._outputs):
             raise GraphError(f"cannot remove '{name}': still read by {users or ['the graph outputs']}")
         self.nx.remove_node(name)
+        self._edits += 1
         self._params.pop(name, None)
         if name in self.input_names:
             self.input_names.remove(name)
@@ -480,6 +513,7 @@ class Graph:
         for name in [n for n in self.nx if n not in live and n not in self.input_names]:
             self.nx.remove_node(name)
             self._params.pop(name, None)
+        self._edits += 1
         return self
 
     # ------------------------------------------------------------------ checks
@@ -501,7 +535,7 @@ class Graph:
         node's input slots are 0..n-1 once each, variables have no inputs and are read at
         output 0, outputs exist, and parameters and inputs are variables (every variable
         is one or the other, never both). Raises GraphError naming the node, returns self."""
-        self.topo_order()
+        self._sorted()  # afresh: the structure may have been changed behind the verbs' back
         for name, data in self.nx.nodes(data=True):
             if "op" not in data:
                 raise GraphError(f"node '{name}' was created without an op (an edge to a missing node?)")

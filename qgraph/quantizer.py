@@ -5,12 +5,15 @@ Arithmetic (DESIGN.md, "Quantizer arithmetic"):
       Q(W) = clip(round(W / s), -(2^(b-1)-1), 2^(b-1)-1) * s
   inputs, threshold T:  unsigned s = T / (2^b-1), clip to [0, T];
       signed s = T / (2^(b-1)-1), clip to [-T, T];  Q(x) = round(clip(x) / s) * s
-MXNet's `round` rounds half away from zero. A zero scale is raised to 1e-30, so an
-all-zero group or input quantizes to exactly zero instead of NaN.
+`round` is half away from zero (MXNet's `round`, as ncnn) or half to even (ONNX Runtime),
+as the spec's `rounding` says; every form rounds the same way. A zero scale is raised to
+1e-30, so an all-zero group or input quantizes to exactly zero instead of NaN.
 
 Training form ("ste"): out = BlockGrad(Q) + (c - BlockGrad(c)) with c the clipped
 input (or W), which is exactly Q in the forward pass and has gradient 1 inside the
-clip range and 0 outside (straight-through estimator). The evaluation form is Q alone.
+clip range and 0 outside (straight-through estimator). The evaluation form is Q alone; with
+a baked threshold and a known activation shape it runs on oneDNN's int8/uint8 reorders (see
+`_add_reorder_input_fake_quant`), which give the same integers in fewer passes.
 
 Every node of a fake-quant subgraph carries the hidden attribute FQ_TAG (= its id); the
 exit node also carries the spec (SPEC_TAG, JSON), see qgraph.tags, so an exported graph can
@@ -73,6 +76,7 @@ class FakeQuantSpec:
     stat: str = "max"
     threshold: str = ""
     winograd: str = ""
+    rounding: str = "half_away"
 
     @property
     def id(self) -> str:
@@ -135,7 +139,7 @@ def add_weight_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True) -
     grouped = node("Reshape", "grouped", [source], shape=spec.reshape)
     magnitude = node("max", "absmax", [node("abs", "abs", [grouped])], axis=spec.axes, keepdims=True)
     scale = _scale(node, magnitude, levels)
-    integers = node("clip", "int", [node("round", "round", [node("broadcast_div", "div", [grouped, scale])])],
+    integers = node("clip", "int", [_round(node, node("broadcast_div", "div", [grouped, scale]), spec.rounding, False)],
                     a_min=float(-levels), a_max=float(levels))
     dequantized = node("broadcast_mul", "mul", [integers, scale])
     if spec.winograd:
@@ -145,6 +149,15 @@ def add_weight_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True) -
     exit_ref = _straight_through(node, weight, quantized, ste)
     graph.set_input(target, slot, exit_ref)
     return _tag_exit(graph, exit_ref, spec)
+
+
+def add_fixed_weight(graph: Graph, spec: FakeQuantSpec, name: str) -> str:
+    """layer[slot] <- W   becomes   layer[slot] <- C, a new parameter `name` (zeros here) that holds
+    Q(W) computed beforehand: the evaluation form of a weight whose values are known."""
+    target, slot = _weight_slot(graph, spec)
+    fixed = graph.add_variable(name, np.zeros(spec.shape, np.float32), attrs={FQ_TAG: spec.id})
+    graph.set_input(target, slot, fixed)
+    return fixed
 
 
 def _weight_slot(graph: Graph, spec: FakeQuantSpec) -> tuple[str, int]:
@@ -184,11 +197,11 @@ def weight_grouping(graph: Graph, layer: str, granularity: str) -> tuple[tuple, 
     return (shape[0], -1), (1,)
 
 
-def weight_spec(graph: Graph, layer: str, bits: int, granularity: str) -> FakeQuantSpec:
+def weight_spec(graph: Graph, layer: str, bits: int, granularity: str, rounding: str = "half_away") -> FakeQuantSpec:
     """The spec of a signed `bits`-bit quantizer of `layer`'s weight at `granularity`."""
     reshape, axes = weight_grouping(graph, layer, granularity)
     return FakeQuantSpec("weight", layer, 1, bits, signed=True, granularity=granularity, reshape=reshape, axes=axes,
-                         shape=tuple(graph.params[weight_param(graph, layer)].shape))
+                         shape=tuple(graph.params[weight_param(graph, layer)].shape), rounding=rounding)
 
 
 def online_threshold(graph: Graph, node: NodeBuilder, spec: FakeQuantSpec, x: TensorRef) -> TensorRef:
@@ -206,16 +219,22 @@ def online_threshold(graph: Graph, node: NodeBuilder, spec: FakeQuantSpec, x: Te
 
 
 def add_input_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True,
-                         threshold_value: float | None = None) -> tuple[str, TensorRef | None]:
+                         threshold_value: float | None = None, data_shape: tuple | None = None
+                         ) -> tuple[str, TensorRef | None]:
     """layer[slot] <- x   becomes   layer[slot] <- Q(x). Returns (exit node, the online
     threshold tensor or None when the threshold is the parameter `spec.threshold`).
     With `threshold_value` (offline only) the threshold is baked into scalar operators:
     same values, but no broadcast operators, whose backward reduces over the whole
-    activation and dominates a QAT step; such a graph cannot be re-calibrated."""
+    activation and dominates a QAT step; such a graph cannot be re-calibrated. Given also
+    x's `data_shape`, the evaluation form runs on oneDNN's reorders where they are exact."""
     node = _builder(graph, spec)
     x = graph.inputs(spec.layer)[spec.slot]
     if threshold_value is not None and not spec.online:
+        if not ste and data_shape is not None and reorder_exact(spec, threshold_value):
+            return _add_reorder_input_fake_quant(graph, node, spec, x, threshold_value, data_shape), None
         return _add_baked_input_fake_quant(graph, node, spec, x, threshold_value, ste), None
+    if spec.online and not ste and data_shape is not None:
+        return _add_plain_online_fake_quant(graph, node, spec, x, data_shape)
     if spec.online:
         threshold = online_threshold(graph, node, spec, x)
     else:
@@ -234,6 +253,26 @@ def add_input_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True,
 # and both scalar additions have gradient 1: a straight-through round in two cheap passes,
 # where `_contrib_round_ste` costs about ten
 _ROUNDING_MAGIC = 12582912.0
+# floor(v + 0.49999997) = round half away from zero for v >= 0 (v + 0.5 would round 0.49999997 up)
+_HALF_BELOW = float(np.nextafter(np.float32(0.5), np.float32(0)))
+
+
+def _round(node: NodeBuilder, value: TensorRef, rounding: str, ste: bool, non_negative: bool = False) -> TensorRef:
+    """`value` rounded to integers, half away from zero or half to even; with `ste` the
+    gradient is 1 (straight through). MXNet's `round` is a slow scalar loop (about 2.5x floor
+    plus an addition), so a value known to be >= 0 rounds half away as floor(v + 0.49999997)."""
+    if rounding == "half_even":
+        shifted = node("_plus_scalar", "shift", [value], scalar=_ROUNDING_MAGIC)
+        return node("_minus_scalar", "round", [shifted], scalar=_ROUNDING_MAGIC)
+    if non_negative:
+        rounded = node("floor", "round", [node("_plus_scalar", "half", [value], scalar=_HALF_BELOW)])
+    else:
+        rounded = node("round", "round", [value])
+    if not ste:
+        return rounded
+    # value + (round(value) - value) is round(value) exactly in float32 (the difference is exact)
+    delta = node("BlockGrad", "round_delta", [node("elemwise_sub", "round_diff", [rounded, value])])
+    return node("elemwise_add", "round_ste", [value, delta])
 
 
 def _add_baked_input_fake_quant(graph: Graph, node: NodeBuilder, spec: FakeQuantSpec, x: TensorRef,
@@ -254,11 +293,85 @@ def _integers(graph: Graph, node: NodeBuilder, spec: FakeQuantSpec, scaled: Tens
     if spec.signed or not is_non_negative(graph, x):  # after a ReLU the lower clip is a no-op
         value = node("_maximum_scalar", "lower", [value], scalar=float(-spec.levels if spec.signed else 0))
     value = node("_minimum_scalar", "clip", [value], scalar=float(spec.levels))  # `clip` is 4x slower
-    if not ste:
-        return node("round", "round", [value])
-    # training form: ties round to even here, half away from zero in the evaluation form
-    shifted = node("_plus_scalar", "shift", [value], scalar=_ROUNDING_MAGIC)
-    return node("_minus_scalar", "round", [shifted], scalar=_ROUNDING_MAGIC)
+    return _round(node, value, spec.rounding, ste, non_negative=not spec.signed)
+
+
+# ---------------------------------------------------------------------- the evaluation form on oneDNN reorders
+_REORDER_RANGE = {True: 127.5, False: 255.5}  # quantize_v2 maps [-R, R] (int8) or [0, R] (uint8) with c = qr / R
+
+
+def reorder_exact(spec: FakeQuantSpec, threshold: float) -> bool:
+    """Whether the reorder form computes this input's contract exactly: 2..8 bits and a step
+    above MIN_SCALE (16 bits do not fit int8/uint8; a floored step is not the reorder's)."""
+    step = np.float32(threshold) / np.float32(spec.levels)
+    return spec.bits <= 8 and (step == 0 or step >= np.float32(MIN_SCALE))
+
+
+def _add_plain_online_fake_quant(graph: Graph, node: NodeBuilder, spec: FakeQuantSpec, x: TensorRef,
+                                 shape: tuple) -> tuple[str, TensorRef]:
+    """The evaluation form with the batch's threshold: the threshold comes from x in its own
+    (oneDNN) layout, the rest runs on one plain 2-D copy of x, so no operator converts layouts."""
+    threshold = online_threshold(graph, node, spec, x)
+    scale = _scale(node, threshold, spec.levels)
+    step = TensorRef(f"{spec.id}_step")
+    plain = node("Reshape", "flat", [node("transpose", "plain", [x], axes=tuple(range(len(shape))))], shape=(0, -1))
+    integers = _integers(graph, node, spec, node("broadcast_div", "div", [plain, scale]), x, False)
+    quantized = node("Reshape", "unflat", [node("broadcast_mul", "dequant", [integers, step])],
+                     shape=(0,) + tuple(shape[1:]))
+    graph.set_input(spec.layer, spec.slot, quantized)
+    return _tag_exit(graph, quantized, spec), threshold
+
+
+def _dequantize_range(step: np.float32, qr: float) -> np.float32 | None:
+    """A float32 R with float32(R) / float32(qr) == step, so _contrib_dequantize's multiplier is
+    exactly the step; None when no float32 near step * qr has that quotient."""
+    guess = np.float32(step) * np.float32(qr)
+    pattern = np.abs(guess).view(np.int32).astype(np.int64) + np.arange(-64, 65)
+    candidates = np.clip(pattern, 1, 0x7F7FFFFF).astype(np.int32).view(np.float32)
+    hits = candidates[(candidates / np.float32(qr)).astype(np.float32) == np.float32(step)]
+    return None if hits.size == 0 else np.float32(hits[hits.size // 2])
+
+
+def _add_reorder_input_fake_quant(graph: Graph, node: NodeBuilder, spec: FakeQuantSpec, x: TensorRef,
+                                  threshold: float, shape: tuple) -> str:
+    """The evaluation form of Q(x) with a baked threshold, in oneDNN reorders (measured and proved
+    exact against the contract over every float32 in [-2T, 2T]; see docs/RESULTS.md):
+
+        plain = transpose(x, identity)   one copy out of oneDNN's nhwc layout, x itself untouched
+        v = Reshape(plain, (0, -1)) / s  a 2-D view keeps the int8 tensor plain (4-D would transpose)
+        [half away: v = round(v) (signed) or floor(v + 0.49999997) (unsigned)]
+        q = quantize_v2(v, [-127.5, 127.5] or [0, 255.5])   multiplier exactly 1: rint, saturate
+        q = min(max(q, -L), L)           what saturation does not clip (int8's -128, fewer bits)
+        Q = dequantize(Reshape(q, shape), R)   R / qr == s exactly (else R = qr, then * s)
+
+    quantize_v2's reorder rounds half to even, which is the rounding itself for half_even and a
+    no-op on the already rounded integers for half_away."""
+    step = np.float32(threshold) / np.float32(spec.levels)
+    if step == 0:
+        quantized = node("zeros_like", "zero", [x])
+    else:
+        qr = _REORDER_RANGE[spec.signed]
+        plain = node("transpose", "plain", [x], axes=tuple(range(len(shape))))
+        value = node("_div_scalar", "div", [node("Reshape", "flat", [plain], shape=(0, -1))], scalar=float(step))
+        if spec.rounding == "half_away":  # the reorder rounds half to even: round first
+            value = _round(node, value, "half_away", False, non_negative=not spec.signed)
+        integers = node("_contrib_quantize_v2", "q", [value], out_type="int8" if spec.signed else "uint8",
+                        min_calib_range=-qr if spec.signed else 0.0, max_calib_range=qr)
+        integers = TensorRef(integers.node, 0)
+        if spec.signed:
+            integers = node("_maximum_scalar", "q_lower", [integers], scalar=float(-spec.levels))
+        if spec.levels != (127 if spec.signed else 255):
+            integers = node("_minimum_scalar", "q_upper", [integers], scalar=float(spec.levels))
+        integers = node("Reshape", "unflat", [integers], shape=(0,) + tuple(shape[1:]))
+        top = _dequantize_range(step, qr)
+        bound = float(top) if top is not None else qr
+        low = node("_full", "dq_min", [], shape=(1,), value=repr(-bound if spec.signed else 0.0), dtype="float32")
+        high = node("_full", "dq_max", [], shape=(1,), value=repr(bound), dtype="float32")
+        quantized = node("_contrib_dequantize", "dequant", [integers, low, high], out_type="float32")
+        if top is None:
+            quantized = node("_mul_scalar", "dequant_step", [quantized], scalar=float(step))
+    graph.set_input(spec.layer, spec.slot, quantized)
+    return _tag_exit(graph, quantized, spec)
 
 
 def spec_feeding(graph: Graph, layer: str, slot: int) -> FakeQuantSpec | None:
@@ -290,16 +403,20 @@ def fake_quant_specs(graph: Graph) -> list[FakeQuantSpec]:
 
 def strip_fake_quant(graph: Graph, kinds=("weight", "input"), layers=None) -> Graph:
     """Remove the fake-quant subgraphs of the given kinds (and, if given, only those feeding
-    the nodes in `layers`), wiring each layer back to the
-    tensor the subgraph quantized. Threshold parameters left unused are dropped with the
-    rest of the dead nodes: read them from `graph.params` first if they are needed."""
+    the nodes in `layers`), wiring each layer back to the tensor the subgraph quantized.
+    Threshold parameters left unused are dropped with the rest of the dead nodes: read them
+    from `graph.params` first if they are needed."""
+    members: dict[str, set] = {}
+    for name in graph.nx:
+        tag = graph.attrs(name).get(FQ_TAG)
+        if tag is not None:
+            members.setdefault(tag, set()).add(name)
     for exit_node in [n for n in graph.nodes() if SPEC_TAG in graph.attrs(n)]:
         spec = FakeQuantSpec.from_json(graph.attrs(exit_node)[SPEC_TAG])
         if spec.kind not in kinds or (layers is not None and spec.layer not in layers):
             continue
-        members = {n for n in graph.nx if graph.attrs(n).get(FQ_TAG) == spec.id}
-        sources = {ref for n in members for ref in graph.inputs(n)
-                   if ref.node not in members and ref.node != spec.threshold}
+        group = members.get(spec.id, set())
+        sources = {ref for n in group for ref in graph.inputs(n) if ref.node not in group and ref.node != spec.threshold}
         if len(sources) != 1:
             raise GraphError(f"fake-quant subgraph '{spec.id}' reads {sorted(sources)}; expected one tensor")
         graph.replace_all_uses(TensorRef(exit_node), sources.pop())

@@ -20,7 +20,7 @@ import numpy as np
 from mxnet import autograd
 
 from . import calibrate as calibration
-from .emit import Emission, Mode, emit
+from .emit import Emission, Mode, emit, fixed_weight_outputs
 from .errors import ConfigError
 from .graph import Graph
 from .io import load, save, to_block
@@ -72,6 +72,52 @@ class ThresholdStore:
 
     def unset(self) -> list[str]:
         return [layer for layer, done in self._set.items() if not done]
+
+
+class FixedWeights:
+    """The quantized weights of the evaluation form, computed once by the simulation's own weight
+    operators (qgraph.emit.fixed_weight_outputs) and kept as constants until a parameter they
+    depend on changes. A change is noticed by a fingerprint (a fixed random projection of every
+    parameter those weights read, one sum each) taken at every evaluation forward: reading a
+    few dozen scalars instead of re-quantizing every weight."""
+
+    def __init__(self, float_graph: Graph, weight_specs, shared: mx.gluon.ParameterDict):
+        self.names = {s.id: f"{s.layer}_weight_quantized" for s in weight_specs}
+        self.params = mx.gluon.ParameterDict("")
+        self._shared = shared
+        self._specs = list(weight_specs)
+        self._float_graph = float_graph
+        self._executor = None
+        self._fingerprint = None
+        self._probes: dict = {}
+
+    def _build(self, ctx) -> None:
+        graph = fixed_weight_outputs(self._float_graph, self._specs)
+        symbol = graph.to_symbol()
+        self._inputs = symbol.list_arguments()
+        args = {name: self._shared[name].data(ctx).copy() for name in self._inputs}
+        self._executor = symbol.bind(ctx, args=args, grad_req="null")
+        rng = np.random.RandomState(0)
+        self._probes = {name: mx.nd.array(rng.uniform(0.5, 1.5, args[name].shape), ctx=ctx) for name in self._inputs}
+        for spec, out in zip(self._specs, self._executor.outputs):
+            param = self.params.get(self.names[spec.id], shape=spec.shape, dtype="float32", grad_req="null")
+            param.initialize(mx.init.Zero(), ctx=next(iter(self._shared.values())).list_ctx())
+
+    def refresh(self) -> None:
+        """Recompute the quantized weights if any parameter they read has changed."""
+        ctx = next(iter(self._shared.values())).list_ctx()[0]
+        if self._executor is None:
+            self._build(ctx)
+        current = {name: self._shared[name].data(ctx) for name in self._inputs}
+        sums = [mx.nd.sum(current[name] * self._probes[name]).reshape((1,)) for name in self._inputs]
+        fingerprint = mx.nd.concat(*sums, dim=0).asnumpy() if sums else np.zeros(0)
+        if self._fingerprint is not None and np.array_equal(fingerprint, self._fingerprint):
+            return
+        for name, value in current.items():
+            value.copyto(self._executor.arg_dict[name])
+        for spec, out in zip(self._specs, self._executor.forward(is_train=False)):
+            self.params[self.names[spec.id]].set_data(out)
+        self._fingerprint = fingerprint
 
 
 def add_threshold_params(graph: Graph, input_specs, values: Mapping[str, np.ndarray]) -> Graph:
@@ -130,26 +176,42 @@ class QuantizedNet(mx.gluon.SymbolBlock):
         self._blocks: dict = {}
         self._batch_stats: dict = {}
         self._signs_checked = False
+        self._fixed = FixedWeights(float_graph, self.weight_specs, shared)
+        self._eval_params = mx.gluon.ParameterDict("")
+        self._eval_params.update(shared)
 
     def collect_params(self, select=None):
         """Every parameter of every mode: float weights, BN statistics, input thresholds."""
         return self._shared if select is None else super().collect_params(select)
 
     # ------------------------------------------------------------------ forward
-    def _block(self, mode: Mode, baked: tuple | None):
-        """The SymbolBlock of `mode` (thresholds `baked` as constants when given), built once."""
-        key = (mode, baked)
+    def _block(self, mode: Mode, baked: tuple | None, shape: tuple):
+        """The SymbolBlock of `mode` (thresholds `baked` as constants when given) for inputs of
+        `shape` (the batch axis aside), built once. The evaluation form reads fixed quantized
+        weights, quantizes inputs on oneDNN's reorders and runs with static memory."""
+        key = (mode, baked, shape)
         if key not in self._blocks:
             if baked is not None:  # thresholds changed since this mode's last baked emission
-                for stale in [k for k in self._blocks if k[0] == mode]:
+                for stale in [k for k in self._blocks if k[0] == mode and k[2] == shape]:
                     del self._blocks[stale]
-            emission = self.emission(mode, dict(zip(self._thresholds.names, baked)) if baked else None)
-            self._blocks[key] = (to_block(emission.graph, params=self._shared), emission)
+            evaluation = not mode.training
+            fixed = evaluation and mode.weights and self.weight_specs
+            emission = emit(self.float_graph, self.weight_specs, self.input_specs, mode,
+                            dict(zip(self._thresholds.names, baked)) if baked else None,
+                            input_shapes={self.float_graph.input_names[0]: (1,) + shape} if evaluation else None,
+                            fixed_weights=self._fixed.names if fixed else None)
+            if fixed:
+                self._fixed.refresh()
+                self._eval_params.update(self._fixed.params)
+            block = to_block(emission.graph, params=self._eval_params if fixed else self._shared)
+            if evaluation:
+                block.hybridize(static_alloc=True, static_shape=True)
+            self._blocks[key] = (block, emission)
         return self._blocks[key]
 
     def cached_forms(self) -> list[tuple[Mode, tuple | None]]:
         """The (mode, baked thresholds) of every form built so far, in build order."""
-        return list(self._blocks)
+        return [key[:2] for key in self._blocks]
 
     def emission(self, mode: Mode | None = None, thresholds: Mapping[str, float] | None = None) -> Emission:
         """The emitted graph of `mode` (default: the current mode, evaluation form)."""
@@ -165,7 +227,9 @@ class QuantizedNet(mx.gluon.SymbolBlock):
         # offline thresholds as constants: a forward reads them once (a few dozen scalars), and a
         # changed value (calibrate, set_thresholds, a Trainer) selects a new emission
         baked = tuple(self._thresholds.values().values()) if mode.inputs and not mode.online else None
-        block, emission = self._block(mode, baked)
+        block, emission = self._block(mode, baked, tuple(x.shape[1:]))
+        if mode.weights and not mode.training:
+            self._fixed.refresh()
         outputs = block(x, *args)
         outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
         n_model, n_stats = emission.model_outputs, len(emission.stat_layers)

@@ -284,3 +284,25 @@ def test_no_warning_when_inputs_are_signed(caplog, signed):
     net = _conv_conv(QuantConfig(input_signed=signed, exclude_first_conv=False))
     net(mx.nd.array(np.random.default_rng(1).standard_normal((2, 3, 5, 5)).astype(F32)))
     assert _negative_warnings(caplog) == []
+
+
+def test_evaluation_reads_fixed_weights_that_follow_every_change_of_the_parameters(mnist_net_no_dw):
+    """The evaluation form quantizes weights once; a Trainer step or set_data must still be seen."""
+    net, x = mnist_net_no_dw, mx.nd.array(_images(8, 0))
+
+    def in_graph_weights():
+        graph = net.emission(net.mode.replace(online=True)).graph  # weights quantized inside the graph
+        values = net.parameter_values()
+        graph.set_params({k: v for k, v in values.items() if k in graph.params})
+        return qgraph.to_block(graph)(x)[0].asnumpy() if len(graph.outputs) > 1 else qgraph.to_block(graph)(x).asnumpy()
+
+    np.testing.assert_array_equal(net(x).asnumpy(), in_graph_weights())
+    trainer = mx.gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.5})
+    with mx.autograd.record():
+        loss = net(x).sum()
+    loss.backward()
+    trainer.step(1)
+    np.testing.assert_array_equal(net(x).asnumpy(), in_graph_weights())
+    weight = next(p for n, p in net.collect_params().items() if n.endswith("conv2_weight"))
+    weight.set_data(weight.data() * -1)
+    np.testing.assert_array_equal(net(x).asnumpy(), in_graph_weights())
