@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """QAT step time: cifar_resnet20_v1 training steps (batch 128, SGD with momentum) in FP32 and in
 4-bit QAT (per-channel weights folded with fake BN, inputs signed where needed, offline
-thresholds as train.py --qat uses them), interleaved in one run, median of `--repeats` rounds.
+thresholds as train.py --qat uses them), and the same with thresholds learned by LSQ
+(--learn-thresholds), interleaved in one run, median of `--repeats` rounds.
 
 The model is models/cifar_resnet20_v1 when it is there, else the gluoncv network with random
 weights (step time does not depend on the weights). A step is forward, backward and the
@@ -36,6 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
     parser.add_argument("--repeats", type=int, default=10, help="interleaved rounds (default: 10)")
     parser.add_argument("--online", action="store_true", help="also time QAT with online thresholds")
+    parser.add_argument("--no-learned", action="store_true", help="skip the row with learned (LSQ) thresholds")
     args = parser.parse_args(argv)
     import mxnet as mx
     import numpy as np
@@ -55,6 +57,10 @@ def main(argv=None) -> int:
     qat = passes.quantize(qgraph.load(f"{prefix}-symbol.json"), config)
     qat.calibrate(data.asnumpy(), "naive", calib_epoch=1, progress=False)
     steps = {"fp32": make_step(fp32, data, label), "qat": make_step(qat, data, label)}
+    if not args.no_learned:
+        learned = passes.quantize(qgraph.load(f"{prefix}-symbol.json"), config.replace(learn_thresholds=True))
+        learned.calibrate(data.asnumpy(), "naive", calib_epoch=1, progress=False)
+        steps["qat learned"] = make_step(learned, data, label)
     if args.online:
         online = passes.quantize(qgraph.load(f"{prefix}-symbol.json"), config.replace(online=True))
         steps["qat online"] = make_step(online, data, label)
@@ -72,6 +78,8 @@ def main(argv=None) -> int:
         print(f"{name:12s} {value * 1000:8.1f} ms/step (median of {args.repeats})")
     if args.online:
         print(f"qat online/fp32 step time ratio: {median['qat online'] / median['fp32']:.2f}")
+    if not args.no_learned:
+        print(f"qat learned thresholds (LSQ)/fp32 step time ratio: {median['qat learned'] / median['fp32']:.2f}")
     print(f"qat/fp32 step time ratio: {median['qat'] / median['fp32']:.2f}")
     return 0
 

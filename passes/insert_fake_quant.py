@@ -70,7 +70,9 @@ def _insert_input(graph: Graph, layer: str, config: QuantConfig, memo: dict) -> 
         threshold = graph.add_variable(f"{layer}_data_threshold", np.zeros(1, np.float32),
                                        attrs={FQ_TAG: f"{layer}_data_fq"})
     spec = FakeQuantSpec("input", layer, 0, config.input_bits, signed=signed, online=config.online,
-                         stat=config.online_stat, threshold=threshold, rounding=config.rounding)
+                         stat=config.online_stat, threshold=threshold, rounding=config.rounding,
+                         learned=config.learn_thresholds)
     add_input_fake_quant(graph, spec)
     kind = "int" if signed else "uint"
-    return f"input {kind}{config.input_bits} {'online' if config.online else 'offline (calibrate)'}"
+    how = "online" if config.online else ("offline, learned (LSQ)" if config.learn_thresholds else "offline (calibrate)")
+    return f"input {kind}{config.input_bits} {how}"

@@ -96,6 +96,9 @@ def add_quant_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group.add_argument("--wino_quantize", "--wino-quantize", dest="wino_quantize", choices=("none", "F23", "F43", "F63"),
                        default="none", help="quantize 3x3 stride-1 convolutions in this Winograd tile's domain "
                                             "(default: none)")
+    group.add_argument("--wino-scales", choices=("channel", "tile"), default="channel",
+                       help="full mode: one scale per output channel and one tile threshold per layer, or a scale "
+                            "and threshold per tile position (default: channel)")
     group.add_argument("--rounding", choices=("half_away", "half_even"), default="half_away",
                        help="how quantizers round ties: half away from zero (MXNet, ncnn) or half to even (ONNX "
                             "Runtime, oneDNN) (default: half_away)")
@@ -112,7 +115,8 @@ def config_from_args(args) -> QuantConfig:
                        online_stat=args.online_stat, merge_bn=args.merge_bn,
                        exclude_first_conv=args.exclude_first_conv, exclude_last_fc=args.exclude_last_fc,
                        exclude=tuple(args.exclude), exclude_ops=tuple(args.exclude_op),
-                       winograd=args.wino_quantize, winograd_mode=args.wino_mode, rounding=args.rounding)
+                       winograd=args.wino_quantize, winograd_mode=args.wino_mode, rounding=args.rounding,
+                       winograd_scales=args.wino_scales, learn_thresholds=getattr(args, "learn_thresholds", False))
 
 
 def _floats(text: str) -> tuple:

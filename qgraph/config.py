@@ -11,6 +11,7 @@ QUANT_TYPES = ("layer", "group", "channel")
 ONLINE_STATS = ("max", "mean_max")
 WINOGRAD_TILES = ("none", "F23", "F43", "F63")
 WINOGRAD_MODES = ("weight", "full")
+WINOGRAD_SCALES = ("channel", "tile")
 ROUNDINGS = ("half_away", "half_even")
 
 
@@ -26,8 +27,12 @@ class QuantConfig:
     seed's mean of per-sample maxima, which clips the larger samples). winograd: 'none' or
     the tile F23/F43/F63 in which 3x3 stride-1 convolutions are quantized; winograd_mode:
     'weight' (the seed: weights quantized in the Winograd domain, then a direct convolution)
-    or 'full' (the Winograd kernel itself, input tiles quantized too). fake_bn: for QAT,
-    quantize convolution weights folded with their BatchNorm (passes/fake_bn.py).
+    or 'full' (the Winograd kernel itself, input tiles quantized too); winograd_scales (full
+    mode): one scale per output channel for U = G g G^T and one threshold per layer for the
+    tiles V ('channel'), or a scale per (tile position, output channel) and a threshold per
+    tile position ('tile'). fake_bn: for QAT, quantize convolution weights folded with their
+    BatchNorm (passes/fake_bn.py). learn_thresholds: QAT learns the offline input thresholds
+    with LSQ's scaled gradient (Esser et al. 2019) instead of keeping them fixed.
     """
 
     weight_bits: int = 8
@@ -46,6 +51,8 @@ class QuantConfig:
     winograd_mode: str = "weight"
     fake_bn: bool = False
     rounding: str = "half_away"
+    winograd_scales: str = "channel"
+    learn_thresholds: bool = False
 
     def __post_init__(self):
         for name in ("weight_bits", "input_bits"):
@@ -65,7 +72,14 @@ class QuantConfig:
         if self.winograd_mode not in WINOGRAD_MODES:
             raise ConfigError(f"QuantConfig.winograd_mode={self.winograd_mode!r}: must be one of "
                               f"{', '.join(WINOGRAD_MODES)}")
-        for name in ("quantize_input", "online", "merge_bn", "exclude_first_conv", "exclude_last_fc", "fake_bn"):
+        if self.winograd_scales not in WINOGRAD_SCALES:
+            raise ConfigError(f"QuantConfig.winograd_scales={self.winograd_scales!r}: must be one of "
+                              f"{', '.join(WINOGRAD_SCALES)}")
+        if self.winograd_scales == "tile" and (self.winograd == "none" or self.winograd_mode != "full"):
+            raise ConfigError("QuantConfig.winograd_scales='tile' quantizes a Winograd kernel's tiles: it needs "
+                              "winograd set to F23, F43 or F63 and winograd_mode='full'")
+        for name in ("quantize_input", "online", "merge_bn", "exclude_first_conv", "exclude_last_fc", "fake_bn",
+                     "learn_thresholds"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"QuantConfig.{name}={getattr(self, name)!r}: must be True or False")
         for name in ("exclude", "exclude_ops"):
@@ -78,6 +92,9 @@ class QuantConfig:
                 re.compile(pattern)
             except re.error as err:
                 raise ConfigError(f"QuantConfig.exclude: {pattern!r} is not a valid regular expression ({err})") from None
+        if self.learn_thresholds and (self.online or not self.quantize_input):
+            raise ConfigError("QuantConfig.learn_thresholds=True learns offline input thresholds: it needs "
+                              "online=False and quantize_input=True")
 
     def replace(self, **changes) -> "QuantConfig":
         return dataclasses.replace(self, **changes)

@@ -64,7 +64,7 @@ def emit(float_graph: Graph, weight_specs: Sequence[FakeQuantSpec], input_specs:
     model_outputs = len(graph.outputs)
     for bn in graph.nodes("BatchNorm") if mode.bn_frozen else ():
         graph.set_attr(bn, "use_global_stats", True)
-    data_shapes = _data_shapes(graph, input_specs, input_shapes) if input_shapes and not mode.training else {}
+    data_shapes = _data_shapes(graph, input_specs, input_shapes) if input_shapes else {}
     for spec in weight_specs if mode.weights else ():
         if fixed_weights is not None and not mode.training:
             add_fixed_weight(graph, spec, fixed_weights[spec.id])

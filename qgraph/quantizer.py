@@ -77,6 +77,7 @@ class FakeQuantSpec:
     threshold: str = ""
     winograd: str = ""
     rounding: str = "half_away"
+    learned: bool = False  # an offline input threshold QAT learns (LSQ)
 
     @property
     def id(self) -> str:
@@ -241,12 +242,44 @@ def add_input_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True,
         if spec.threshold not in graph.params:
             raise GraphError(f"{spec.id}: threshold parameter '{spec.threshold}' has no value")
         threshold = TensorRef(spec.threshold)
+        if spec.learned and ste:
+            return _add_learned_input_fake_quant(graph, node, spec, x, threshold, data_shape), None
     scale = _scale(node, threshold, spec.levels)
     step = TensorRef(f"{spec.id}_step")  # T / L before the MIN_SCALE floor: T = 0 gives exact zeros
     integers = _integers(graph, node, spec, node("broadcast_div", "div", [x, scale]), x, ste)
     quantized = node("broadcast_mul", "dequant", [integers, step])
     graph.set_input(spec.layer, spec.slot, quantized)
     return _tag_exit(graph, quantized, spec), (threshold if spec.online else None)
+
+
+def _add_learned_input_fake_quant(graph: Graph, node: NodeBuilder, spec: FakeQuantSpec, x: TensorRef,
+                                  threshold: TensorRef, data_shape: tuple | None) -> str:
+    """The training form with a learned threshold: the step s = T / L spread to x's shape by a
+    dot with ones, then element-wise division and multiplication. Its gradient reaches s through
+    one matrix product (a BLAS reduction), where broadcast operators' backward passes cost about
+    five times as much. Forward values equal the other forms' (s * 1 is s exactly)."""
+    step = node("_div_scalar", "step", [_lsq_threshold(node, spec, threshold, data_shape)], scalar=float(spec.levels))
+    ones = node("Reshape", "ones", [node("ones_like", "ones_full", [x])], shape=(-1, 1))
+    spread = node("reshape_like", "step_full", [node("dot", "step_spread", [ones, node("Reshape", "step_11", [step],
+                                                                                              shape=(1, 1))]), x])
+    integers = _integers(graph, node, spec, node("elemwise_div", "div", [x, spread]), x, True)
+    quantized = node("elemwise_mul", "dequant", [integers, spread])
+    graph.set_input(spec.layer, spec.slot, quantized)
+    return _tag_exit(graph, quantized, spec)
+
+
+def _lsq_threshold(node: NodeBuilder, spec: FakeQuantSpec, threshold: TensorRef, data_shape: tuple | None) -> TensorRef:
+    """The threshold T with LSQ's gradient (Esser et al. 2019): the step s = T / L gets its
+    gradient scaled by g = 1 / sqrt(N * L) (N: elements of one sample's input), which for the
+    threshold itself is a gradient scale of g * L^2 (so an optimizer step moves T as LSQ moves
+    L * s). The forward value is T exactly: BlockGrad(T) + (c*T - BlockGrad(c*T)). T is kept
+    above 1e-8: a learned threshold must not cross zero."""
+    elements = int(np.prod(data_shape[1:])) if data_shape else 1
+    factor = float(spec.levels ** 2 / np.sqrt(elements * spec.levels))
+    scaled = node("_mul_scalar", "lsq_scaled", [threshold], scalar=factor)
+    gradient = node("elemwise_sub", "lsq_gradient", [scaled, node("BlockGrad", "lsq_scaled_frozen", [scaled])])
+    value = node("elemwise_add", "lsq", [node("BlockGrad", "lsq_frozen", [threshold]), gradient])
+    return node("_maximum_scalar", "lsq_positive", [value], scalar=1e-8)
 
 
 # Adding then subtracting 1.5 * 2^23 rounds a float32 |v| < 2^22 to an integer (ties to even),

@@ -160,7 +160,7 @@ class QuantizedNet(mx.gluon.SymbolBlock):
                        for s in specs if s.kind == "input"]
         float_graph = _float_graph(graph, input_specs)
         ctx = ctx or mx.cpu()
-        shared = _shared_params(float_graph, {s.threshold for s in input_specs}, ctx)
+        shared = _shared_params(float_graph, {s.threshold for s in input_specs if not s.learned}, ctx)
         with warnings.catch_warnings():  # "cannot decide type": the inputs are typed at the first forward
             warnings.simplefilter("ignore")
             super().__init__(graph.to_symbol(), [mx.sym.var(n) for n in graph.input_names], params=shared)
@@ -198,7 +198,7 @@ class QuantizedNet(mx.gluon.SymbolBlock):
             fixed = evaluation and mode.weights and self.weight_specs
             emission = emit(self.float_graph, self.weight_specs, self.input_specs, mode,
                             dict(zip(self._thresholds.names, baked)) if baked else None,
-                            input_shapes={self.float_graph.input_names[0]: (1,) + shape} if evaluation else None,
+                            input_shapes={self.float_graph.input_names[0]: (1,) + shape},
                             fixed_weights=self._fixed.names if fixed else None)
             if fixed:
                 self._fixed.refresh()
@@ -225,8 +225,10 @@ class QuantizedNet(mx.gluon.SymbolBlock):
         if mode.online and not mode.sign_probe:
             mode = mode.replace(sign_probe=self._wants_sign_probe)
         # offline thresholds as constants: a forward reads them once (a few dozen scalars), and a
-        # changed value (calibrate, set_thresholds, a Trainer) selects a new emission
-        baked = tuple(self._thresholds.values().values()) if mode.inputs and not mode.online else None
+        # changed value (calibrate, set_thresholds, a Trainer) selects a new emission; thresholds
+        # being learned stay parameters in training
+        learning = mode.training and any(s.learned for s in self.input_specs)
+        baked = tuple(self._thresholds.values().values()) if mode.inputs and not mode.online and not learning else None
         block, emission = self._block(mode, baked, tuple(x.shape[1:]))
         if mode.weights and not mode.training:
             self._fixed.refresh()

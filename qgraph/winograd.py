@@ -151,12 +151,14 @@ class Kernel(NamedTuple):
 
 def build_kernel(graph: Graph, layer: str, tile: str) -> Kernel:
     """conv(x, W, b)  =>  the float Winograd kernel of `tile` in stock operators, nodes named
-    `<layer>_wino_<suffix>` and tagged WINOGRAD_TAG = layer (`product`: WINOGRAD_PRODUCT_TAG). x is padded and cut into n x n
-    tiles that two grouped convolutions transform, V = B^T d B; the weights are transformed,
-    U = G W G^T; the element-wise products summed over input channels are one grouped 1x1
-    convolution (`product`, one group per tile position and convolution group); a grouped
-    Deconvolution applies A^T . A and the bias, and the result is cropped to the
-    convolution's output. Differs from the direct convolution by float rounding only."""
+    `<layer>_wino_<suffix>` and tagged WINOGRAD_TAG = layer (`product`: WINOGRAD_PRODUCT_TAG).
+    x is padded and cut into n x n tiles that two grouped convolutions transform, V = B^T d B;
+    the weights are transformed, U = G W G^T; the element-wise products summed over input
+    channels are one grouped 1x1 convolution (`product`, one group per tile position and
+    convolution group); a 1x1 convolution applies A^T . A to every tile, whose m x m outputs are
+    laid out spatially; the bias is added and the result cropped to the convolution's output.
+    Differs from the direct convolution by float rounding only; trains (every operator has a
+    backward pass oneDNN can build)."""
     attrs = graph.attrs(layer)
     x, weight, *bias = graph.inputs(layer)
     if not graph.is_param(weight.node):
@@ -186,6 +188,9 @@ def build_kernel(graph: Graph, layer: str, tile: str) -> Kernel:
     tiles = node("Convolution", "in_tiles", [rows, kernel("bt_cols", BT.reshape(n, 1, 1, n), c_in * n)],
                  kernel=(1, n), stride=(1, m), num_filter=c_in * n * n, num_group=c_in * n, no_bias=True)
     v = _regroup(node, tiles, c_in, n * n, "tiles_by_position")            # channels (a, b, c)
+    # a fresh plain copy: without it oneDNN cannot build the product's backward pass at 16+ channels
+    # per group ("could not create a primitive descriptor for a reorder primitive"); _copy is not enough
+    v = node("transpose", "tiles_plain", [v], axes=(0, 1, 2, 3))
 
     transformed = transform_weight(node, weight, tile)                     # (c_out * c_in_g, n, n)
     by_position = node("transpose", "u_swap", [node("Reshape", "u_split", [transformed],
@@ -194,11 +199,23 @@ def build_kernel(graph: Graph, layer: str, tile: str) -> Kernel:
     product = product_node("Convolution", "product", [v, u], kernel=(1, 1), num_filter=n * n * c_out,
                    num_group=n * n * groups, no_bias=True)
 
-    # A^T M A for every tile and output channel, plus the bias: kernel[(o, a, b), 0, p, q] = A^T[p, a] A^T[q, b]
-    pairs = kernel("at_pairs", np.einsum("pa,qb->abpq", AT, AT).reshape(n * n, 1, m, m), c_out)
-    out_tiles = node("Deconvolution", "out_tiles",
-                     [_regroup(node, product, n * n, c_out, "products_by_channel"), pairs] + bias,
-                     kernel=(m, m), stride=(m, m), num_filter=c_out, num_group=c_out, no_bias=not bias)
+    # A^T M A for every tile and output channel: a plain 1x1 convolution over the n*n transformed
+    # positions of each (image, output channel), its m*m outputs per tile then laid out spatially,
+    # then the bias. (A grouped stride-m Deconvolution, or a grouped 1x1 convolution, computes
+    # the same, but oneDNN cannot build their backward passes here: "could not create a
+    # primitive descriptor for a reorder primitive".)
+    pairs = constant(node, "at_pairs", np.einsum("pa,qb->pqab", AT, AT).reshape(m * m, n * n, 1, 1))
+    by_channel = _regroup(node, product, n * n, c_out, "products_by_channel")               # (N, o*ab, th, tw)
+    per_image_channel = node("Reshape", "out_positions", [by_channel], shape=(0, -4, c_out, n * n, -2))
+    per_image_channel = node("Reshape", "out_batch", [per_image_channel], shape=(-3, -2))   # (N*o, ab, th, tw)
+    per_pixel = node("Convolution", "out_pixels", [per_image_channel, pairs], kernel=(1, 1), num_filter=m * m,
+                     no_bias=True)                                                           # (N*o, pq, th, tw)
+    split = node("Reshape", "out_split", [per_pixel], shape=(-4, -1, c_out, -4, m, m, -2))   # (N, o, p, q, th, tw)
+    interleaved = node("transpose", "out_interleave", [split], axes=(0, 1, 4, 2, 5, 3))     # (N, o, th, p, tw, q)
+    out_tiles = node("Reshape", "out_tiles", [interleaved], shape=(0, 0, -3, -3))            # (N, o, th*m, tw*m)
+    if bias:
+        per_channel = node("Reshape", "bias_per_channel", bias, shape=(1, c_out, 1, 1))
+        out_tiles = node("broadcast_add", "out_biased", [out_tiles, per_channel])
     # the direct convolution's output size from a one-channel slice of the padded input
     reference = node("slice_axis", "ref_c", [padded], axis=1, begin=0, end=1)
     reference = node("slice_axis", "ref_h", [reference], axis=2, begin=0, end=-(m + 1))

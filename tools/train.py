@@ -77,6 +77,8 @@ def parse_args(argv=None):
                      help="train with quantization off for the first STEPS steps (default: 0)")
     qat.add_argument("--freeze-bn-after", type=int, default=None, metavar="STEPS",
                      help="use and keep BatchNorm's running statistics from this step on (default: never)")
+    qat.add_argument("--learn-thresholds", action="store_true",
+                     help="learn the input thresholds with LSQ's scaled gradient (initialised by --calib-mode)")
     qat.add_argument("--fix-params", action="store_true",
                      help="also write PREFIX-fixed-*: BN folded, weights holding their quantized values")
     add_quant_args(parser)

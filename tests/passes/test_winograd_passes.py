@@ -78,19 +78,24 @@ def ref_transformed_weight(W, tile):
     return np.einsum("jk,oikl,ml->oijm", G, W.astype(np.float64), G)
 
 
-def ref_kernel(V, U, b, groups, tile, out_hw, wbits=None, tile_bits=None, tile_threshold=None):
+def ref_kernel(V, U, b, groups, tile, out_hw, wbits=None, tile_bits=None, tile_threshold=None, per_position=False):
     """The rest of the F(m,3) kernel: V quantized signed (threshold: the batch max|V| unless given),
     U per output channel, products summed over each group's input channels, A^T M A, crop, bias.
-    Returns (output, the tile threshold)."""
+    `per_position`: one threshold per tile position (a, b) for V and a scale per (output channel,
+    position) for U. Returns (output, the tile threshold)."""
     AT = matrices(tile)[2]
     m, n = AT.shape
     N, C, th, tw = V.shape[:4]
     c_out, c_in_g = U.shape[:2]
-    if tile_bits:
+    if tile_bits and per_position:
+        tile_threshold = np.abs(V).max(axis=(0, 1, 2, 3))  # (n, n)
+        V = np.stack([np.stack([ref_input_quant(V[..., a, b], tile_threshold[a, b], tile_bits, True)
+                                for b in range(n)], axis=-1) for a in range(n)], axis=-2)
+    elif tile_bits:
         tile_threshold = np.abs(V).max() if tile_threshold is None else tile_threshold
         V = ref_input_quant(V, tile_threshold, tile_bits, True)
     if wbits:
-        U = ref_weight_quant(U, wbits, axes=(1, 2, 3))
+        U = ref_weight_quant(U, wbits, axes=(1,) if per_position else (1, 2, 3))
     M = np.einsum("gojab,ngjtuab->ngotuab", U.reshape(groups, c_out // groups, c_in_g, n, n),
                   V.reshape(N, groups, c_in_g, th, tw, n, n)).reshape(N, c_out, th, tw, n, n)
     Y = np.einsum("pa,notuab,qb->notpuq", AT, M, AT).reshape(N, c_out, th * m, tw * m)
@@ -289,6 +294,30 @@ def test_full_mode_matches_numpy(tile, groups, c_in, c_out, pad, hw):
     assert _rel(float_winograd, ref_conv(relu, W, b, pad, groups)) < 1e-5
 
 
+@pytest.mark.parametrize("tile", ["F23", "F43"])
+def test_tile_scales_match_numpy(tile):
+    """winograd_scales='tile': a threshold per tile position for V, a scale per (channel, position) for U."""
+    graph, shape = _conv_graph(c_in=4, c_out=6, groups=1, pad=1, hw=(9, 7))
+    rewritten, _ = _rewrite(graph, winograd=tile, winograd_mode="full", input_signed=False, winograd_scales="tile")
+    n = matrices(tile)[0].shape[0]
+    specs = fake_quant_specs(rewritten)
+    assert sum(s.kind == "input" and s.layer.startswith("conv_wino_tile") for s in specs) == n * n
+    x = np.random.default_rng(8).standard_normal(shape).astype(F32)
+    W, b = graph.params["conv_weight"], graph.params["conv_bias"]
+    relu = np.maximum(x, 0)
+    got, V, U = run_with_float_domain(rewritten, ref_input_quant(relu, relu.max(), 8, False).astype(F32), tile)
+    expected, _ = ref_kernel(V, U, b, 1, tile, got.shape[2:], wbits=8, tile_bits=8, per_position=True)
+    channel, _ = ref_kernel(V, U, b, 1, tile, got.shape[2:], wbits=8, tile_bits=8)
+    assert _rel(got, expected) < 1e-5 < _rel(channel, expected)  # and the per-channel kernel differs
+
+
+def test_tile_scales_need_a_full_mode_kernel():
+    with pytest.raises(ConfigError, match="winograd_scales='tile'"):
+        QuantConfig(winograd_scales="tile")
+    with pytest.raises(ConfigError, match="winograd_scales='tile'"):
+        QuantConfig(winograd="F43", winograd_mode="weight", winograd_scales="tile")
+
+
 @pytest.mark.parametrize("tile", ["F23", "F63"])
 def test_full_mode_quantizes_weights_alone_when_inputs_are_not_quantized(tile):
     graph, shape = _conv_graph(bias=False)
@@ -304,7 +333,7 @@ def test_full_mode_structure_is_tagged_and_uses_no_parameters():
     assert "conv" not in rewritten
     assert set(rewritten.params) == {"conv_weight", "conv_bias"}
     structural = [n for n in rewritten.nodes(("Convolution", "Deconvolution")) if WINOGRAD_TAG in rewritten.attrs(n)]
-    assert sorted(structural) == ["conv_wino_in_rows", "conv_wino_in_tiles", "conv_wino_out_tiles"]
+    assert sorted(structural) == ["conv_wino_in_rows", "conv_wino_in_tiles", "conv_wino_out_pixels"]
     assert rewritten.attrs("conv_wino_product")[WINOGRAD_PRODUCT_TAG] == "conv"
     specs = {(s.layer, s.kind): s for s in fake_quant_specs(rewritten)}
     assert set(specs) == {("conv_wino_pad", "input"), ("conv_wino_product", "input"), ("conv_wino_product", "weight")}
