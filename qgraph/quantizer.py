@@ -310,10 +310,20 @@ def _round(node: NodeBuilder, value: TensorRef, rounding: str, ste: bool, non_ne
 
 def _add_baked_input_fake_quant(graph: Graph, node: NodeBuilder, spec: FakeQuantSpec, x: TensorRef,
                                 threshold: float, ste: bool) -> str:
+    """Q(x) with the threshold as scalar attributes. The training form is BlockGrad(Q) + (c -
+    BlockGrad(c)), c = x clipped to [lo * s, T]: exactly Q forward, and the gradient's only
+    pass is the clip's mask (straight through the round, as in the chain form, whose backward
+    runs three scalar operators' backward passes instead)."""
     step = np.float32(threshold) / np.float32(spec.levels)  # the graph form's float32 arithmetic
     scale = float(np.maximum(step, np.float32(MIN_SCALE)))
-    integers = _integers(graph, node, spec, node("_div_scalar", "div", [x], scalar=scale), x, ste)
+    integers = _integers(graph, node, spec, node("_div_scalar", "div", [x], scalar=scale), x, False)
     quantized = node("_mul_scalar", "dequant", [integers], scalar=float(step))
+    if ste:
+        clipped = x
+        if spec.signed or not is_non_negative(graph, x):
+            clipped = node("_maximum_scalar", "x_lower", [clipped], scalar=-float(threshold) if spec.signed else 0.0)
+        clipped = node("_minimum_scalar", "x_upper", [clipped], scalar=float(threshold))
+        quantized = _straight_through(node, clipped, quantized, True)
     graph.set_input(spec.layer, spec.slot, quantized)
     return _tag_exit(graph, quantized, spec)
 
