@@ -10,6 +10,7 @@ emission is the training form (straight-through gradients) or the shorter evalua
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Mapping, NamedTuple, Sequence
 
@@ -91,15 +92,17 @@ def emit(float_graph: Graph, weight_specs: Sequence[FakeQuantSpec], input_specs:
 def _data_shapes(graph: Graph, input_specs, input_shapes: Mapping) -> dict[str, tuple]:
     """layer -> shape of the data input each input spec quantizes, by MXNet's shape inference."""
     internals = graph.to_symbol().get_internals()
-    _, shapes, _ = internals.infer_shape(**{k: tuple(v) for k, v in input_shapes.items()})
+    with warnings.catch_warnings():  # a tensor MXNet cannot size just keeps the general form
+        warnings.simplefilter("ignore")
+        _, shapes, _ = internals.infer_shape_partial(**{k: tuple(v) for k, v in input_shapes.items()})
     by_output = dict(zip(internals.list_outputs(), shapes or ()))
     found = {}
     for spec in input_specs:
         ref = graph.inputs(spec.layer)[spec.slot]
         names = [ref.node] if graph.op(ref.node) == "null" else [f"{ref.node}_output{ref.index}"] + (
             [f"{ref.node}_output"] if ref.index == 0 else [])
-        shape = next((by_output[n] for n in names if by_output.get(n) is not None), None)
-        if shape is not None:
+        shape = next((by_output[n] for n in names if by_output.get(n)), None)
+        if shape is not None and all(d > 0 for d in shape):
             found[spec.layer] = tuple(shape)
     return found
 
