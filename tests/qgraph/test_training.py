@@ -67,9 +67,9 @@ def test_fit_runs_epochs_of_at_most_steps_per_epoch_and_calls_back(calibrated):
 
     trainer = training.Optimization("adam", 1e-3, wd=0.0, total_steps=6).trainer(calibrated.collect_params())
     steps = training.fit(calibrated, trainer, batches, epochs=2, steps_per_epoch=3,
-                         schedule=training.QATSchedule(), after_epoch=calls.append, progress=False)
-    assert steps == 6 and calls == [0, 1]
-    assert [i for e, i in seen if e == 0][:3] == [0, 1, 2]
+                         schedule=training.QATSchedule(), after_epoch=lambda *done: calls.append(done), progress=False)
+    assert steps == 6 and calls == [(0, 3), (1, 6)]
+    assert seen == [(e, i) for e in (0, 1) for i in range(3)]  # no batch drawn beyond the steps taken
 
 
 @pytest.mark.parametrize("fields", [dict(optimizer="rmsprop"), dict(lr=0.0), dict(total_steps=0)])
