@@ -8,8 +8,8 @@ holds everything a run needs to continue exactly where it stopped.
 - the epochs done: the data position, since each epoch's order and augmentation derive from
   (seed, epoch, worker) alone (qgraph.data.TrainShard) and MXNet's generators restart from
   (seed, worker, epoch) (qgraph.training.fit);
-- the run's settings (name -> value, e.g. "--batch-size" -> 128, "model" -> the symbol file):
-  a resumed run must have the same ones.
+- the run's settings (name -> value, e.g. "--batch-size" -> 128, "model" -> the model's name
+  or symbol file): a resumed run must have the same ones.
 
 A checkpoint of another model (other parameter names or shapes) or of other settings is a
 ConfigError naming the file and the first difference.
@@ -98,10 +98,14 @@ def check_model(checkpoint: Checkpoint, params: Mapping, model: str) -> None:
 
 
 def check_settings(checkpoint: Checkpoint, settings: Mapping) -> None:
-    """ConfigError naming the first setting that differs from the checkpoint's."""
+    """ConfigError when the checkpoint is of another model (its "model" setting differs) or
+    else names the first setting that differs from the checkpoint's."""
     written = checkpoint.settings
+    if written.get("model") != settings.get("model"):
+        raise ConfigError(f"{checkpoint.path}: a checkpoint of another model ({written.get('model')}; this run trains "
+                          f"{settings.get('model')})")
     for name in sorted(set(written) | set(settings)):
-        if name != "model" and written.get(name) != settings.get(name):
+        if written.get(name) != settings.get(name):
             raise ConfigError(f"{checkpoint.path}: written by a run with {name} {written.get(name)!r}, this run has "
                               f"{settings.get(name)!r}; resume with the same settings")
 

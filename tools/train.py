@@ -5,12 +5,11 @@ and export it as PREFIX-symbol.json + PREFIX-0000.params.
 FP32 networks: the bundled ones (mnist_cnn) or any gluoncv classification model name (built
 with classes=10). Data: the bundled MNIST digits or CIFAR-10 RecordIO from --data-dir
 (default ../shared/data/cifar10). Training is data-parallel over --gpus or --cpus contexts
-and, with --kvstore dist_sync (dist_device_sync, dist_async), over the workers that
-`python -m qgraph.launch -n WORKERS -s SERVERS -- python tools/train.py ...` starts: each
-trains on its own equal share of the data, --batch-size is per worker (global batch = that
-times the workers), and rank 0 alone logs and writes. After every epoch the export and
-PREFIX-checkpoint.npz are rewritten; --resume PREFIX-checkpoint.npz, with the same flags,
-continues the run exactly.
+and, with --kvstore dist_sync (dist_device_sync, dist_async), over the workers `python -m
+qgraph.launch -n WORKERS -s SERVERS -- python tools/train.py ...` starts: each trains on its
+own share of the data, --batch-size is per worker (global batch = that times the workers),
+rank 0 alone logs and writes. After every epoch the export and PREFIX-checkpoint.npz are
+rewritten; --resume PREFIX-checkpoint.npz, with the same flags, continues the run exactly.
 
 QAT (--qat --symbol MODEL-symbol.json): the exported model is rewritten with the
 quantization flags (as simulate_quantization.py's), input thresholds are calibrated by
@@ -139,11 +138,15 @@ def run(args) -> int:
         args.data_dir = data.data_dir_for("cifar10", args.data_dir)
         data.record_file("cifar10", args.data_dir, "test")
     data.check_parts(args.dataset, args.data_dir, count)
+    settings = dict({f"--{name.replace('_', '-')}": getattr(args, name) for name in RESUMED_FLAGS},
+                    model=Path(args.symbol).name if args.qat else args.model, workers=count,
+                    quantization=repr(config_from_args(args)) if args.qat else None)
     state = checkpoint.load(args.resume) if args.resume else None
+    if state is not None:
+        checkpoint.check_settings(state, settings)
     check_output_prefix(args.out)
     workers = distributed.join(args.kvstore)
-    if workers.rank:  # rank 0 alone logs and writes
-        logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING if workers.rank else logging.INFO)  # rank 0 alone logs, writes
     shard = data.train_shard(args.dataset, args.data_dir, workers.count, workers.rank)
     mx.random.seed(args.seed)
     net = build(args, ctx, files, calibrate=state is None)
@@ -154,9 +157,6 @@ def run(args) -> int:
     trainer = training.Optimization("nag" if args.dataset == "cifar10" else "adam", args.lr, args.wd,
                                     total_steps=args.epochs * steps).trainer(net.collect_params(),
                                                                              **workers.trainer_options())
-    settings = dict({f"--{name.replace('_', '-')}": getattr(args, name) for name in RESUMED_FLAGS},
-                    model=str(args.symbol or args.model), workers=workers.count,
-                    quantization=repr(config_from_args(args)) if args.qat else None)
     job = training.Run(net, trainer, workers, shard, args.batch_size, args.epochs, steps, settings, ctx,
                        training.QATSchedule(args.quant_delay, args.freeze_bn_after) if args.qat else None,
                        args.seed, f"{args.out}-checkpoint.npz")
@@ -181,8 +181,8 @@ def run(args) -> int:
     if fixed:
         logging.info("deployable graph (BN folded, weights fixed): test top-1 %.4f",
                      top1(to_block(fixed[0]), test.images, test.labels))
-    logging.info("wrote %s-symbol.json and %s-0000.params%s, %s", args.out, args.out, " (and -fixed-*)" if fixed else "",
-                 "no checkpoint (dist_async)" if workers.asynchronous else f"{args.out}-checkpoint.npz (epoch {done})")
+    kept = "no checkpoint (dist_async)" if workers.asynchronous else f"{args.out}-checkpoint.npz (epoch {done})"
+    logging.info("wrote %s-symbol.json, %s-0000.params%s, %s", args.out, args.out, ", -fixed-*" * bool(fixed), kept)
     return 0
 
 

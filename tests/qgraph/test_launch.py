@@ -210,29 +210,29 @@ def test_worker_exit_after_kvstore_stops_everyone(launch):
     assert_all_gone(run, pids)
 
 
-def test_sigkill_worker_mid_run(launch):
-    run = launch(2, ["pushloop", "pushloop"])
-    run.wait_marks("ready", [0, 1])
+def assert_a_killed_process_stops_everyone(run, pid, name):
+    """SIGKILL `pid` (the launcher's `name`): the launcher exits 128 + 9 within STOP_LIMIT
+    seconds, says why, and leaves nothing running."""
     pids = run.all_pids()
-    os.kill(run.read("pid", 1), signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
     t0 = time.monotonic()
     assert run.wait(STOP_LIMIT) == 128 + signal.SIGKILL, run.err
     assert time.monotonic() - t0 < STOP_LIMIT
-    assert "qgraph.launch: worker 1 was killed by signal 9 (SIGKILL); stopping the others" in run.err
+    assert f"qgraph.launch: {name} was killed by signal 9 (SIGKILL); stopping the others" in run.err
     assert_all_gone(run, pids)
+
+
+def test_sigkill_worker_mid_run(launch):
+    run = launch(2, ["pushloop", "pushloop"])
+    run.wait_marks("ready", [0, 1])
+    assert_a_killed_process_stops_everyone(run, run.read("pid", 1), "worker 1")
 
 
 def test_scheduler_death_while_worker_blocks_in_create(launch):
     run = launch(2, ["block-create", "late"])
     run.wait_marks("ready", [0, 1])
     time.sleep(1.0)  # worker 0 is now inside kv.create, waiting for worker 1
-    pids = run.all_pids()
-    os.kill(run.role_pids()["scheduler"], signal.SIGKILL)
-    t0 = time.monotonic()
-    assert run.wait(STOP_LIMIT) == 128 + signal.SIGKILL, run.err
-    assert time.monotonic() - t0 < STOP_LIMIT
-    assert "qgraph.launch: scheduler was killed by signal 9 (SIGKILL); stopping the others" in run.err
-    assert_all_gone(run, pids)
+    assert_a_killed_process_stops_everyone(run, run.role_pids()["scheduler"], "scheduler")
 
 
 def test_sigkill_after_grace_when_sigterm_is_ignored(launch):
