@@ -51,7 +51,16 @@ class Optimization:
         options = {"learning_rate": self.lr, "lr_scheduler": schedule, "wd": self.wd}
         if self.optimizer in ("nag", "sgd"):
             options["momentum"] = self.momentum
-        return gluon.Trainer(params, self.optimizer, options, kvstore=kvstore, update_on_kvstore=update_on_kvstore)
+        trainer = gluon.Trainer(params, self.optimizer, options, kvstore=kvstore, update_on_kvstore=update_on_kvstore)
+        if isinstance(kvstore, mx.kv.KVStore) and kvstore.type.startswith("dist"):
+            # gluon.Trainer broadcasts rank 0's parameters inside its first step(), and MXNet 1.9's dist
+            # kvstore does not order that broadcast's pulls before the step's gradient pushpull (it swaps
+            # the pull buffer for the gradient): a worker late to pull took the summed gradient for its
+            # weights here. So broadcast now, through the private calls step() makes, and wait.
+            trainer._init_kvstore()
+            trainer._init_params()
+            mx.nd.waitall()
+        return trainer
 
 
 @dataclass(frozen=True)
