@@ -4,21 +4,45 @@ The core: the graph IR and its files (Graph, load, save, to_block), the pass mac
 (PassManager and instruments), QuantConfig, and QuantizedNet, the block that runs a
 rewritten graph. The passes themselves, and the pipelines that compose them
 (`passes.quantize`, `passes.fixed_graph`), live in the `passes` package.
+
+Only the error types are imported with the package. Everything else needs MXNet, whose
+import takes seconds and turns a process whose DMLC_ROLE is scheduler or server into a
+kvstore node, and `python -m qgraph.launch` (standard library only) must run without it;
+so the names below, and submodules such as `qgraph.emit`, are imported on first use
+(PEP 562 module __getattr__), which `import qgraph; qgraph.QuantizedNet` does not notice.
 """
-from .config import QuantConfig
-from .emit import Mode
+import importlib
+
 from .errors import ConfigError, DataError, GraphError, PassError, QGraphError
-from .graph import Graph, NodeBuilder, TensorRef
-from .io import from_block, load, load_files, save, to_block
-from .pass_manager import (DumpInstrument, Instrument, LintInstrument, PassContext, PassManager, Report,
-                           TimingInstrument, VerifyInstrument)
-from .runtime import QuantizedNet
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConfigError", "DataError", "GraphError", "PassError", "QGraphError", "Graph", "NodeBuilder", "TensorRef",
-    "from_block", "load", "load_files", "save", "to_block", "DumpInstrument", "Instrument", "LintInstrument",
-    "PassContext", "PassManager", "Report", "TimingInstrument", "VerifyInstrument", "QuantConfig", "Mode",
-    "QuantizedNet",
-]
+_HOMES = {  # exported name -> the module that defines it
+    "QuantConfig": "config", "Mode": "emit", "Graph": "graph", "NodeBuilder": "graph", "TensorRef": "graph",
+    "from_block": "io", "load": "io", "load_files": "io", "save": "io", "to_block": "io",
+    "DumpInstrument": "pass_manager", "Instrument": "pass_manager", "LintInstrument": "pass_manager",
+    "PassContext": "pass_manager", "PassManager": "pass_manager", "Report": "pass_manager",
+    "TimingInstrument": "pass_manager", "VerifyInstrument": "pass_manager", "QuantizedNet": "runtime",
+}
+
+__all__ = ["ConfigError", "DataError", "GraphError", "PassError", "QGraphError", *_HOMES]
+
+
+def __getattr__(name: str):
+    if name.startswith("__"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name in _HOMES:
+        value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    else:  # a submodule not imported yet
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -10,6 +10,7 @@ import sys
 
 from .calibrate import MODES, Calibration
 from .config import QuantConfig
+from .distributed import KVSTORES
 from .errors import QGraphError
 
 
@@ -105,6 +106,19 @@ def add_quant_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group.add_argument("--wino-mode", choices=("weight", "full"), default="weight",
                        help="weight: weights quantized in the Winograd domain, then a direct convolution (the "
                             "seed); full: the Winograd kernel, input tiles quantized too (default: weight)")
+    return group
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The flags of a training run over several workers that can stop and resume."""
+    group = parser.add_argument_group("workers and resuming")
+    group.add_argument("--kvstore", choices=KVSTORES, default="device",
+                       help="how gradients are summed: over this process's contexts (device, local) or over the "
+                            "workers python -m qgraph.launch starts (dist_*) (default: device)")
+    group.add_argument("--resume", metavar="CHECKPOINT", help="continue the run that wrote CHECKPOINT "
+                       "(OUT-checkpoint.npz, rewritten after every epoch), given the same flags")
+    group.add_argument("--stop-after", type=positive_int, metavar="EPOCHS",
+                       help="stop after EPOCHS epochs of this invocation; the schedule still spans --epochs")
     return group
 
 

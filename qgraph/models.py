@@ -91,6 +91,17 @@ def build_network(name: str, classes: int, pretrained: bool = False, options: Zo
                           "offline, pass --params FILE or --symbol FILE") from None
 
 
+def trainable_network(name: str, classes: int, input_shape, ctx=(mx.cpu(),)):
+    """A fresh HybridBlock of `name` to train on `ctx`: He-initialised for ReLU networks
+    (MSRAPrelu over fan-in), hybridized, and shaped by one forward of zeros of `input_shape`,
+    so that its parameters exist (a checkpoint can replace them)."""
+    net = build_network(name, classes)
+    net.initialize(mx.init.MSRAPrelu(factor_type="in", slope=0), ctx=list(ctx))
+    net.hybridize()
+    net(mx.nd.zeros(input_shape, ctx=ctx[0]))
+    return net
+
+
 def shipped_prefix(name: str, dataset: str | None = None) -> Path | None:
     """models/NAME_DATASET or models/NAME when qgraph ships that model."""
     for prefix in ([SHIPPED / f"{name}_{dataset}"] if dataset else []) + [SHIPPED / name]:

@@ -1,11 +1,15 @@
 """The one shared helper module of the tests: tiny models with parameter values (seeded random
-weights that keep activations well-scaled), the bundled model's paths, and forward passes.
+weights that keep activations well-scaled), the bundled model's paths, forward passes, and
+jobs of several worker processes started by qgraph.launch.
 
 Tests import it directly (`from helpers import ...`); tests/conftest.py wraps some of it as
 fixtures.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -175,3 +179,22 @@ def write_recordio(folder, name="set", count=6, corrupt=None, shape=(12, 10, 3),
             writer.write_idx(i, mx.recordio.pack_img(header, image, quality=95, img_fmt=".jpg"))
     writer.close()
     return Path(folder) / f"{name}.rec"
+
+
+# ---------------------------------------------------------------------- dist kvstore jobs
+def launch(workers: int, *command, timeout: float = 300, **options) -> subprocess.CompletedProcess:
+    """`python -m qgraph.launch -n WORKERS -s 1 -- COMMAND...` from the repository root, output
+    captured as text with carriage returns kept (the launcher exits with the first failure's
+    status, or 0)."""
+    job = subprocess.run([sys.executable, "-m", "qgraph.launch", "-n", str(workers), "-s", "1", "--",
+                          *map(str, command)], capture_output=True, cwd=ROOT, timeout=timeout,
+                         env=dict(os.environ, **options.pop("env", {})), **options)
+    return subprocess.CompletedProcess(job.args, job.returncode, job.stdout.decode(), job.stderr.decode())
+
+
+def worker_lines(output: str, rank: int) -> list[str]:
+    """The lines a launched worker printed, without their `[worker N] ` prefix, each as a terminal
+    shows it (what follows its last carriage return: progress bars end with one)."""
+    prefix = f"[worker {rank}] "
+    lines = [line[len(prefix):].split("\r")[-1] for line in output.split("\n") if line.startswith(prefix)]
+    return [line for line in lines if line.strip()]

@@ -2,29 +2,27 @@
 """Train an FP32 model, or fine-tune an exported one with quantization-aware training (--qat),
 and export it as PREFIX-symbol.json + PREFIX-0000.params.
 
-FP32 networks: the project's bundled ones (mnist_cnn) or any gluoncv classification model
-name (built with classes=10). Data: the bundled MNIST digits or CIFAR-10 RecordIO from
---data-dir (default ../shared/data/cifar10). Training is data-parallel over --gpus or
---cpus contexts. The export is rewritten after every epoch, so an interrupted run leaves
-the latest weights.
+FP32 networks: the bundled ones (mnist_cnn) or any gluoncv classification model name (built
+with classes=10). Data: the bundled MNIST digits or CIFAR-10 RecordIO from --data-dir
+(default ../shared/data/cifar10). Training is data-parallel over --gpus or --cpus contexts
+and, with --kvstore dist_sync (dist_device_sync, dist_async), over the workers `python -m
+qgraph.launch -n WORKERS -s SERVERS -- python tools/train.py ...` starts: each trains on its
+own share of the data, --batch-size is per worker (global batch = that times the workers),
+rank 0 alone logs and writes. After every epoch the export and PREFIX-checkpoint.npz are
+rewritten; --resume PREFIX-checkpoint.npz, with the same flags, continues the run exactly.
 
 QAT (--qat --symbol MODEL-symbol.json): the exported model is rewritten with the
-quantization flags (the same as simulate_quantization.py), input thresholds are
-calibrated by --calib-mode on --num-sample class-balanced training images per class (or
---calib-data) and then kept fixed, and the weights are fine-tuned through the fake-quant
-graph with straight-through gradients. --fake-bn folds BatchNorm into the quantized
-weights (arXiv:1712.05877); --quant-delay and --freeze-bn-after are in steps. The export
-reloads with qgraph.QuantizedNet.load; --fix-params also writes PREFIX-fixed-*: BN folded
-and weights holding their quantized values, for deployment.
+quantization flags (as simulate_quantization.py's), input thresholds are calibrated by
+--calib-mode on --num-sample training images per class (or --calib-data) and then kept
+fixed, and the weights are fine-tuned through the fake-quant graph (straight-through
+gradients). --fake-bn folds BatchNorm into the quantized weights (arXiv:1712.05877);
+--quant-delay and --freeze-bn-after count steps. The export reloads with
+qgraph.QuantizedNet.load; --fix-params also writes PREFIX-fixed-*, the deployable graph.
 
-How the shipped models were made:
-    python tools/train.py --model mnist_cnn --out models/mnist_cnn
     python tools/train.py --model cifar_resnet20_v1 --dataset cifar10 --epochs 12 --out models/cifar_resnet20_v1
-    python tools/train.py --model mobilenet0.5 --dataset cifar10 --epochs 15 --out models/mobilenet0.5_cifar10
-
-QAT example (4-bit per-channel with fake BN):
     python tools/train.py --qat --symbol models/cifar_resnet20_v1-symbol.json --weight-bits-width 4 \\
         --input-bits-width 4 --quant-type channel --input-signed auto --fake-bn --epochs 2 --out runs/r20_w4a4
+    python -m qgraph.launch -n 2 -s 1 -- python tools/train.py --kvstore dist_sync --batch-size 64 ...
 """
 from __future__ import annotations
 
@@ -38,17 +36,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
 import mxnet as mx  # noqa: E402
-import numpy as np  # noqa: E402
 
 import passes  # noqa: E402
 import qgraph  # noqa: E402
-from qgraph import data, models, training  # noqa: E402
-from qgraph.cli import (add_calib_args, add_quant_args, calibration_from_args, config_from_args,  # noqa: E402
-                        run_reporting_errors)
+from qgraph import checkpoint, data, distributed, models, training  # noqa: E402
+from qgraph.cli import (add_calib_args, add_quant_args, add_run_args, calibration_from_args,  # noqa: E402
+                        config_from_args, run_reporting_errors)
 from qgraph.evaluate import top1  # noqa: E402
 from qgraph.io import check_output_prefix, export_block, model_files, save, to_block  # noqa: E402
+from qgraph.launch import fail_fast  # noqa: E402
 
 PROG = "train.py"
+RESUMED_FLAGS = ("qat", "dataset", "epochs", "batch_size", "lr", "wd", "seed", "steps_per_epoch", "fake_bn",
+                 "quant_delay", "freeze_bn_after")  # a resumed run must repeat them (the checkpoint records them)
 
 
 def parse_args(argv=None):
@@ -58,7 +58,9 @@ def parse_args(argv=None):
                         help="default: mnist for mnist_cnn, cifar10 otherwise (and for --qat)")
     parser.add_argument("--data-dir", default=None, help="CIFAR-10 RecordIO folder (default: ../shared/data/cifar10)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: 30 mnist, 14 cifar10)")
-    parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: 64 mnist, 128 cifar10)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="batch size of each worker; the global batch is this times the workers "
+                             "(default: 64 mnist, 128 cifar10)")
     parser.add_argument("--lr", type=float, default=None,
                         help="peak learning rate, cosine-decayed (default: Adam 0.003 mnist, NAG 0.1 cifar10)")
     parser.add_argument("--wd", type=float, default=None, help="weight decay (default: 1e-4 mnist, 5e-4 cifar10)")
@@ -68,6 +70,7 @@ def parse_args(argv=None):
     parser.add_argument("--cpus", type=int, default=1,
                         help="data-parallel over this many CPU contexts cpu(0..N-1) when no --gpus (default: 1)")
     parser.add_argument("--steps-per-epoch", type=int, default=None, help="cut each epoch short (default: all data)")
+    add_run_args(parser)
     qat = parser.add_argument_group("quantization-aware training")
     qat.add_argument("--qat", action="store_true", help="fine-tune an exported model (--symbol) through fake quantization")
     qat.add_argument("--symbol", help="the exported FP32 model to fine-tune, PREFIX-symbol.json")
@@ -115,68 +118,84 @@ def calibration_images(args):
     return data.calibration_subset(args.dataset, args.data_dir, args.num_sample, args.fixed_random_seed)
 
 
-def build(args, ctx, files):
-    """The network to train: a calibrated QuantizedNet (--qat) or a fresh FP32 HybridBlock."""
-    if args.qat:
-        net = passes.quantize(qgraph.load_files(*files), config_from_args(args).replace(fake_bn=args.fake_bn,
-                                                                                         online=False), ctx=ctx[0])
-        logging.info("%s", net.report.format())
-        thresholds = calibration_from_args(args).run(net, calibration_images(args))
+def build(args, ctx, files, calibrate: bool):
+    """A QuantizedNet (--qat; calibrated unless resuming) or a fresh FP32 HybridBlock."""
+    if not args.qat:
+        return models.trainable_network(args.model, 10, data.dataset_info(args.dataset).input_shape, ctx)
+    net = passes.quantize(qgraph.load_files(*files), config_from_args(args).replace(fake_bn=args.fake_bn,
+                                                                                     online=False), ctx=ctx[0])
+    logging.info("%s", net.report.format())
+    if calibrate:
+        thresholds = calibration_from_args(args).run(net, calibration_images(args), progress=False)
         logging.info("calibrated %d input thresholds (%s)", len(thresholds), args.calib_mode)
-        net.collect_params().reset_ctx(ctx)
-        return net
-    net = models.build_network(args.model, classes=10)
-    net.initialize(mx.init.MSRAPrelu(factor_type="in", slope=0), ctx=ctx)
-    net.hybridize()
+    net.collect_params().reset_ctx(ctx)
     return net
 
 
 def run(args) -> int:
     ctx = [mx.gpu(int(i)) for i in args.gpus.split(",") if i.strip()] or [mx.cpu(i) for i in range(max(1, args.cpus))]
-    mx.random.seed(args.seed)
-    rng = np.random.RandomState(args.seed)
-    files = model_files(args.symbol, args.params) if args.qat else None  # inputs first, then the output
+    count = distributed.worker_count(args.kvstore)
+    files = model_files(args.symbol, args.params) if args.qat else None  # inputs first, then the outputs
     if args.dataset == "cifar10":
         args.data_dir = data.data_dir_for("cifar10", args.data_dir)
-        for split in ("train", "test"):
-            data.record_file("cifar10", args.data_dir, split)
+        data.record_file("cifar10", args.data_dir, "test")
+    data.check_parts(args.dataset, args.data_dir, count)
+    settings = dict({f"--{name.replace('_', '-')}": getattr(args, name) for name in RESUMED_FLAGS},
+                    model=Path(args.symbol).name if args.qat else args.model, workers=count,
+                    quantization=repr(config_from_args(args)) if args.qat else None)
+    state = checkpoint.load(args.resume) if args.resume else None
+    if state is not None:
+        checkpoint.check_settings(state, settings)
     check_output_prefix(args.out)
-    net = build(args, ctx, files)
-    test = data.eval_set(args.dataset, args.data_dir)
-    if args.qat:
+    workers = distributed.join(args.kvstore)
+    logging.getLogger().setLevel(logging.WARNING if workers.rank else logging.INFO)  # rank 0 alone logs, writes
+    shard = data.train_shard(args.dataset, args.data_dir, workers.count, workers.rank)
+    mx.random.seed(args.seed)
+    net = build(args, ctx, files, calibrate=state is None)
+    if args.qat and state is None:
+        workers.check_same("input thresholds", net.thresholds())
+    test = data.eval_set(args.dataset, args.data_dir) if workers.rank == 0 else None
+    steps = min(shard.steps(args.batch_size, drop_last=workers.asynchronous), args.steps_per_epoch or 1 << 60)
+    trainer = training.Optimization("nag" if args.dataset == "cifar10" else "adam", args.lr, args.wd,
+                                    total_steps=args.epochs * steps).trainer(net.collect_params(),
+                                                                             **workers.trainer_options())
+    job = training.Run(net, trainer, workers, shard, args.batch_size, args.epochs, steps, settings, ctx,
+                       training.QATSchedule(args.quant_delay, args.freeze_bn_after) if args.qat else None,
+                       args.seed, f"{args.out}-checkpoint.npz")
+    if state is not None:
+        job.resume(state)
+        logging.info("resumed from %s after epoch %d (step %d)", state.path, state.epoch, state.step)
+    elif args.qat and test:
         logging.info("before QAT: test top-1 %.4f", top1(net, test.images, test.labels))
-    steps = min(-(-data.train_size(args.dataset) // args.batch_size), args.steps_per_epoch or 1 << 60)
-    optimization = training.Optimization("nag" if args.dataset == "cifar10" else "adam", args.lr, args.wd,
-                                         total_steps=args.epochs * steps)
-    schedule = training.QATSchedule(args.quant_delay, args.freeze_bn_after) if args.qat else None
     fixed = []
 
-    def after_epoch(epoch):
+    def after_epoch(epoch):  # rank 0
         if args.qat:
             net.enable_quantize()
             net.quantize_input(True, online=False)
         logging.info("epoch %d: test top-1 %.4f", epoch + 1, top1(net, test.images, test.labels))
-        if not args.qat:
-            export_block(net, args.out)
-            return
-        net.export(args.out)
+        export_block(net, args.out) if not args.qat else net.export(args.out)
         if args.fix_params:
             fixed[:] = [passes.fixed_graph(net)]
             save(fixed[0], f"{args.out}-fixed")
 
-    training.fit(net, optimization.trainer(net.collect_params()), lambda epoch: data.train_batches(
-        args.dataset, args.data_dir, args.batch_size, rng), args.epochs, steps, ctx, schedule, after_epoch)
+    done = job.fit(args.stop_after, after_epoch)
     if fixed:
         logging.info("deployable graph (BN folded, weights fixed): test top-1 %.4f",
                      top1(to_block(fixed[0]), test.images, test.labels))
-    logging.info("wrote %s-symbol.json and %s-0000.params%s", args.out, args.out, " (and -fixed-*)" if fixed else "")
+    kept = "no checkpoint (dist_async)" if workers.asynchronous else f"{args.out}-checkpoint.npz (epoch {done})"
+    logging.info("wrote %s-symbol.json, %s-0000.params%s, %s", args.out, args.out, ", -fixed-*" * bool(fixed), kept)
     return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return run_reporting_errors(PROG, run, args)
+    with fail_fast():  # a failed dist worker must exit now, not wait for the others at the kvstore's exit barrier
+        status = run_reporting_errors(PROG, run, args)
+        if status:
+            sys.exit(status)
+    return 0
 
 
 if __name__ == "__main__":

@@ -146,6 +146,56 @@ def test_record_file_names_the_missing_file(tmp_path):
         data.record_file("cifar10", tmp_path, "test")
 
 
+# ---------------------------------------------------------------------- training shards
+def test_worker_shares_are_equal_disjoint_and_cover_the_split():
+    (images, labels), _ = data.mnist_split()
+    shards = [data.train_shard("mnist", None, 4, part) for part in range(4)]
+    assert [len(s.labels) for s in shards] == [1000] * 4
+    np.testing.assert_array_equal(np.concatenate([s.images for s in shards]), images)
+    np.testing.assert_array_equal(np.concatenate([s.labels for s in shards]), labels)
+
+
+def test_an_epoch_reads_every_image_of_a_share_once_in_an_order_fixed_by_seed_epoch_and_share():
+    shard = data.train_shard("mnist", None, 2, 1)
+    index_of = {image.tobytes(): i for i, image in enumerate(shard.images)}
+
+    def order(epoch, seed=0, drop_last=False, share=shard):
+        batches = list(share.batches(epoch, 300, seed, drop_last))
+        return [index_of[x.tobytes()] for batch, _ in batches for x in batch.asnumpy()], batches
+
+    first, batches = order(0)
+    assert sorted(first) == list(range(2000)) and [len(b) for b, _ in batches] == [300] * 6 + [200]
+    assert shard.steps(300) == 7 and shard.steps(300, drop_last=True) == 6 and len(order(0, drop_last=True)[0]) == 1800
+    np.testing.assert_array_equal(batches[0][1].asnumpy(), shard.labels[first[:300]])
+    assert order(0)[0] == first  # the same again: resuming replays it
+    assert order(1)[0] != first and order(0, seed=1)[0] != first
+    other = data.train_shard("mnist", None, 2, 0)
+    assert not np.array_equal(next(other.batches(0, 300))[0].asnumpy(), batches[0][0].asnumpy())
+
+
+def test_a_worker_count_that_does_not_divide_the_split_is_a_config_error():
+    assert data.check_parts("mnist", None, 8) == 500
+    with pytest.raises(ConfigError, match="the 4000 mnist training images do not split evenly over 3 workers: "
+                                          r"use a worker count that divides 4000 \(2, 4, 5, 8, 10, 16, ...\)"):
+        data.train_shard("mnist", None, 3, 0)
+
+
+def test_random_crop_flip_takes_a_padded_crop_of_every_image_flipped_or_not():
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 256, (16, 3, 6, 5)).astype(np.uint8)
+    out = data.random_crop_flip(images, np.random.default_rng(1), pad=2)
+    assert out.shape == images.shape and out.dtype == np.uint8
+    flips = 0
+    for image, crop in zip(images, out):
+        padded = np.pad(image, ((0, 0), (2, 2), (2, 2)))
+        candidates = {(dy, dx, flip): padded[:, dy:dy + 6, dx:dx + 5][:, :, ::-1 if flip else 1]
+                      for dy in range(5) for dx in range(5) for flip in (False, True)}
+        found = [key for key, candidate in candidates.items() if np.array_equal(candidate, crop)]
+        assert found, "not a crop of the padded image"
+        flips += found[0][2]
+    assert 0 < flips < 16
+
+
 # ---------------------------------------------------------------------- the shared CIFAR-10 files
 def _cifar10():
     folder = data.default_cifar10_dir()
@@ -181,3 +231,17 @@ def test_cifar10_calibration_subset_draws_from_the_whole_training_split():
     keep = data.class_balanced_subset(labels, 2, seed=7)
     assert images.shape == (20, 3, 32, 32) and keep.max() > 10000  # not only the first images
     np.testing.assert_array_equal(images, data.read_records(folder / "cifar10_train.rec", keep, "cifar10"))
+
+
+def test_a_cifar10_share_holds_its_records_decoded_as_the_iterator_does():
+    folder = _cifar10()
+    shard = data.train_shard("cifar10", folder, 2, 1)
+    assert shard.images.shape == (25000, 3, 32, 32) and shard.images.dtype == np.uint8
+    path = folder / "cifar10_train.rec"
+    info = data.CIFAR10
+    np.testing.assert_allclose(data.normalise(shard.images[[0, 7]], info.mean, info.std),
+                               data.read_records(path, [25000, 25007], "cifar10"), atol=1e-5)
+    np.testing.assert_array_equal(shard.labels, data.record_labels(path)[25000:])
+    batch, labels = next(shard.batches(0, 64, seed=3))
+    assert batch.shape == (64, 3, 32, 32) and labels.shape == (64,)
+    assert abs(float(batch.mean().asscalar())) < 0.5  # normalised (padding included)
