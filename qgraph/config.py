@@ -28,6 +28,11 @@ class QuantConfig:
     'weight' (the seed: weights quantized in the Winograd domain, then a direct convolution)
     or 'full' (the Winograd kernel itself, input tiles quantized too). fake_bn: for QAT,
     quantize convolution weights folded with their BatchNorm (passes/fake_bn.py).
+    rounding: how every quantizer rounds ties, 'half_away' (MXNet's round, ncnn) or
+    'half_even' (ONNX QuantizeLinear, oneDNN reorders). quantize_bias: each quantized layer's
+    bias becomes the int32 value round(b / (s_x * s_w)) * s_x * s_w (per output channel, with
+    `rounding`), the bias ONNX Runtime's QLinearConv/QGemm and oneDNN's int8 convolutions add;
+    it needs quantized inputs, and neither Winograd-domain weights nor fake BatchNorm.
     """
 
     weight_bits: int = 8
@@ -46,6 +51,7 @@ class QuantConfig:
     winograd_mode: str = "weight"
     fake_bn: bool = False
     rounding: str = "half_away"
+    quantize_bias: bool = False
 
     def __post_init__(self):
         for name in ("weight_bits", "input_bits"):
@@ -65,9 +71,11 @@ class QuantConfig:
         if self.winograd_mode not in WINOGRAD_MODES:
             raise ConfigError(f"QuantConfig.winograd_mode={self.winograd_mode!r}: must be one of "
                               f"{', '.join(WINOGRAD_MODES)}")
-        for name in ("quantize_input", "online", "merge_bn", "exclude_first_conv", "exclude_last_fc", "fake_bn"):
+        for name in ("quantize_input", "online", "merge_bn", "exclude_first_conv", "exclude_last_fc", "fake_bn",
+                     "quantize_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"QuantConfig.{name}={getattr(self, name)!r}: must be True or False")
+        self._check_quantize_bias()
         for name in ("exclude", "exclude_ops"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):
@@ -78,6 +86,16 @@ class QuantConfig:
                 re.compile(pattern)
             except re.error as err:
                 raise ConfigError(f"QuantConfig.exclude: {pattern!r} is not a valid regular expression ({err})") from None
+
+    def _check_quantize_bias(self) -> None:
+        """An int32 bias has the step s_x * s_w: it needs the input's step and a spatial weight step."""
+        if not self.quantize_bias:
+            return
+        blocker = ("quantize_input=False (no input step s_x)" if not self.quantize_input else
+                   f"winograd={self.winograd!r} (weight steps in the Winograd domain)" if self.winograd != "none" else
+                   "fake_bn=True (the folded bias is not a tensor of the graph)" if self.fake_bn else None)
+        if blocker:
+            raise ConfigError(f"QuantConfig.quantize_bias=True cannot be combined with {blocker}")
 
     def replace(self, **changes) -> "QuantConfig":
         return dataclasses.replace(self, **changes)
