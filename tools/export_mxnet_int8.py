@@ -25,8 +25,6 @@ examples:
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 import warnings
 from pathlib import Path
@@ -39,17 +37,15 @@ import qgraph  # noqa: E402
 from qgraph.cli import config_from_args, run_reporting_errors  # noqa: E402
 from qgraph.deploy import mxnet_int8 as deploy  # noqa: E402
 from qgraph.deploy import workflow  # noqa: E402
-from qgraph.io import model_prefix, write_files_atomic  # noqa: E402
+from qgraph.io import model_prefix  # noqa: E402
 
 PROG = "export_mxnet_int8.py"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    quant, _ = workflow.add_export_args(
-        parser, "output prefix (default: ./NAME-int8): writes OUT-symbol.json and OUT-0000.params (with "
-                "--no-int8, the folded FP32 model)", "MXNet (oneDNN)")
+def build_parser():
+    parser, quant, _ = workflow.export_parser(
+        PROG, __doc__, "output prefix (default: ./NAME-int8): writes OUT-symbol.json and OUT-0000.params (with "
+                       "--no-int8, the folded FP32 model)", "MXNet (oneDNN)")
     quant.description = ("MXNet's oneDNN int8: 8-bit weights per output channel, uint8 inputs after ReLUs and "
                          "int8 elsewhere (--input-signed auto), rounding half to even, int32 biases. BatchNorm is "
                          "always folded.")
@@ -62,37 +58,22 @@ def run(args) -> int:
     if not args.no_int8:
         deploy.check_config(config)
         config = config.replace(quantize_bias=True)  # oneDNN adds int32 biases
-    if args.out is None:
-        args.out = Path(model_prefix(args.symbol)).name + "-int8"
-    job = workflow.prepare(args)
-    say = (lambda *a: None) if args.quiet else print
-    net = None
-    if args.no_int8:
-        folded, _ = qgraph.PassManager(passes.build_pipeline("fold_bn")).run(job.graph, config)
-        written = qgraph.save(folded, job.out)
-    else:
-        net = passes.quantize(job.graph, config)
-        images = workflow.calibrate(net, args, job)
+    args.out = args.out or Path(model_prefix(args.symbol)).name + "-int8"
+
+    def int8_files(net, job, images):
         model = deploy.convert(net, images)
-        folded = net.current_float_graph().cleanup()
-        say(f"calibrated {len(net.thresholds())} int8 layers ({args.calib_mode}); float layers: "
-            f"{workflow.float_layers(folded, net) or 'none'}")
-        for note in model.notes:
-            say(f"note: {note}")
-        written = write_files_atomic(model.files(job.out))
-    say("wrote " + ", ".join(str(p) for p in written))
-    if not args.verify:
-        return 0
-    images, labels = workflow.evaluation_data(args, job)
-    result = deploy.verify(folded, job.out, images if net else images[:16], labels, net)
-    print("\n".join(workflow.report(result, "mxnet", "fp32 MXNet executor (oneDNN fusion) vs Gluon")))
-    return int(not result.ok)
+        return net.current_float_graph().cleanup(), model.files(job.out), model.notes
+
+    exporter = workflow.Exporter(
+        "mxnet", lambda folded, job: deploy.fp32_files(folded, job.out), int8_files,
+        lambda folded, written, images, labels, net: deploy.verify(folded, args.out, images, labels, net),
+        fp32_label="fp32 MXNet executor (oneDNN fusion) vs Gluon")
+    return workflow.run_export(args, config, exporter, passes.quantize,
+                               qgraph.PassManager(passes.build_pipeline("fold_bn")).run, print)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    return run_reporting_errors(PROG, run, args)
+    return run_reporting_errors(PROG, run, build_parser().parse_args(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ import qgraph  # noqa: E402
 from qgraph.cli import config_from_args, positive_int, run_reporting_errors  # noqa: E402
 from qgraph.deploy import ncnn as deploy  # noqa: E402
 from qgraph.deploy import workflow  # noqa: E402
-from qgraph.io import write_files_atomic  # noqa: E402
 
 PROG = "export_ncnn.py"
 
@@ -52,12 +51,10 @@ def _option(text: str) -> tuple:
     return key, value == "1"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    quant, check = workflow.add_export_args(
-        parser, "output prefix (default: ./NAME): writes OUT.param, OUT.bin and, when calibrating, OUT.table, "
-                "OUT-int8.param, OUT-int8.bin", "ncnn")
+def build_parser():
+    parser, quant, check = workflow.export_parser(
+        PROG, __doc__, "output prefix (default: ./NAME): writes OUT.param, OUT.bin and, when calibrating, "
+                       "OUT.table, OUT-int8.param, OUT-int8.bin", "ncnn")
     quant.description = ("ncnn's int8 is fixed: 8-bit signed inputs, 8-bit weights per output channel (or "
                          "one scale per layer). BatchNorm is always folded.")
     check.add_argument("--ncnn-fp16", action="store_true",
@@ -73,38 +70,24 @@ def run(args) -> int:
     config = config_from_args(args).replace(merge_bn=True, online=False)
     if not args.no_int8:
         deploy.check_config(config)
-    job = workflow.prepare(args)
-    say = (lambda *a: None) if args.quiet else print
-    net = None
-    if args.no_int8:
-        folded, report = qgraph.PassManager(passes.build_pipeline("fold_bn")).run(job.graph, config)
-        model = deploy.to_ncnn(folded, job.shape)
-        files = {Path(f"{job.out}.param"): model.param, Path(f"{job.out}.bin"): model.bin}
-    else:
-        net = passes.quantize(job.graph, config)
-        report = net.report
-        workflow.calibrate(net, args, job)
-        export = deploy.export_int8(net, job.shape)
-        folded, files = export.folded, export.files(job.out)
-        say(f"calibrated {len(net.thresholds())} int8 layers ({args.calib_mode}); float layers: "
-            f"{workflow.float_layers(folded, net) or 'none'}")
-    for entry in report.for_pass("fold_bn"):
-        if entry.action == "skipped":
-            say(f"fold_bn skipped {entry.node}: {entry.reason}")
-    written = write_files_atomic(files)
-    say("wrote " + ", ".join(str(p) for p in written))
-    return verify(args, job, folded, written, net) if args.verify else 0
-
-
-def verify(args, job, folded, written, net) -> int:
-    """Print the FP32 and int8 checks; 1 when either misses its tolerance, else 0."""
-    images, labels = workflow.evaluation_data(args, job)
     options = dict({} if args.ncnn_fp16 else deploy.FLOAT32_OPTIONS, **dict(args.ncnn_option))
     bar = None if args.quiet else (lambda items: tqdm(items, desc="ncnn int8", leave=False))
-    result = deploy.verify(folded, written[:2], images if net else images[:16], labels, net,
-                           written[3:5] if net else None, args.input_name, options, args.threads, progress=bar)
-    print("\n".join(workflow.report(result, "ncnn")))
-    return int(not result.ok)
+
+    def fp32_files(folded, job):
+        model = deploy.to_ncnn(folded, job.shape)
+        return {Path(f"{job.out}.param"): model.param, Path(f"{job.out}.bin"): model.bin}
+
+    def int8_files(net, job, _):
+        export = deploy.export_int8(net, job.shape)
+        return export.folded, export.files(job.out), []
+
+    def verify(folded, written, images, labels, net):
+        return deploy.verify(folded, written[:2], images, labels, net, written[3:5] if net else None,
+                             args.input_name, options, args.threads, progress=bar)
+
+    exporter = workflow.Exporter("ncnn", fp32_files, int8_files, verify)
+    return workflow.run_export(args, config, exporter, passes.quantize,
+                               qgraph.PassManager(passes.build_pipeline("fold_bn")).run, print)
 
 
 def main(argv=None) -> int:

@@ -26,8 +26,6 @@ examples:
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 import warnings
 from pathlib import Path
@@ -40,16 +38,13 @@ import qgraph  # noqa: E402
 from qgraph.cli import config_from_args, positive_int, run_reporting_errors  # noqa: E402
 from qgraph.deploy import onnx as deploy  # noqa: E402
 from qgraph.deploy import workflow  # noqa: E402
-from qgraph.io import write_files_atomic  # noqa: E402
 
 PROG = "export_onnx.py"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    quant, check = workflow.add_export_args(
-        parser, "output prefix (default: ./NAME): writes OUT.onnx (int8 QDQ) and OUT-fp32.onnx", "onnxruntime")
+def build_parser():
+    parser, quant, check = workflow.export_parser(
+        PROG, __doc__, "output prefix (default: ./NAME): writes OUT.onnx (int8 QDQ) and OUT-fp32.onnx", "onnxruntime")
     quant.description = ("QDQ int8: 8-bit weights per output channel (or per layer), 8-bit inputs, int8 by "
                          "default (--input-signed auto: uint8 after ReLUs), rounding half to even, int32 "
                          "biases. BatchNorm is always folded.")
@@ -69,35 +64,24 @@ def run(args) -> int:
             deploy.require("onnxruntime")
         except qgraph.ConfigError as err:
             raise qgraph.ConfigError(f"--verify runs ONNX Runtime: {err}") from None
-    job = workflow.prepare(args)
-    deploy.check_ops(job.graph)
-    say = (lambda *a: None) if args.quiet else print
-    net = None
-    if args.no_int8:
-        folded, _ = qgraph.PassManager(passes.build_pipeline("fold_bn")).run(job.graph, config)
-        files = {Path(f"{job.out}-fp32.onnx"): deploy.export_fp32(folded, job.shape)}
-    else:
-        net = passes.quantize(job.graph, config)
-        workflow.calibrate(net, args, job)
+
+    def fp32_files(folded, job):
+        return {Path(f"{job.out}-fp32.onnx"): deploy.export_fp32(folded, job.shape)}
+
+    def int8_files(net, job, _):
         export = deploy.export_int8(net, job.shape)
-        folded, files = export.folded, export.files(job.out)
-        say(f"calibrated {len(net.thresholds())} int8 layers ({args.calib_mode}); float layers: "
-            f"{workflow.float_layers(folded, net) or 'none'}")
-    written = write_files_atomic(files)
-    say("wrote " + ", ".join(str(p) for p in written))
-    if not args.verify:
-        return 0
-    images, labels = workflow.evaluation_data(args, job)
-    fp32_file, int8_file = (written[0], None) if net is None else (written[1], written[0])
-    result = deploy.verify(folded, fp32_file, images if net else images[:16], labels, net, int8_file, args.threads)
-    print("\n".join(workflow.report(result, "onnxruntime")))
-    return int(not result.ok)
+        return export.folded, export.files(job.out), []
+
+    def verify(folded, written, images, labels, net):  # written: OUT-fp32.onnx alone, or OUT.onnx and it
+        return deploy.verify(folded, written[-1], images, labels, net, written[0] if net else None, args.threads)
+
+    fold = qgraph.PassManager(passes.build_pipeline("fold_bn")).run
+    exporter = workflow.Exporter("onnxruntime", fp32_files, int8_files, verify, check_graph=deploy.check_ops)
+    return workflow.run_export(args, config, exporter, passes.quantize, fold, print)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    return run_reporting_errors(PROG, run, args)
+    return run_reporting_errors(PROG, run, build_parser().parse_args(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

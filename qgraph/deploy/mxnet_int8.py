@@ -36,14 +36,14 @@ subgraph/mkldnn/mkldnn_conv.cc, mkldnn_common.h GetWeightScales, ConvertWeightBi
 MXNet 1.9.1 bug: a convolution fused with a residual sum and a ReLU computes in place in the
 residual's buffer (mkldnn_conv.cc: output = inputs[in_sum]), so with an int8 residual its
 uint8-scaled output saturates at 127, half its range. The export keeps every convolution out of
-a sum fusion (a `_copy` between them during the flow, removed afterwards) and the residual Adds
-and the ReLUs after them in float, as the simulation computes them; the same is what
-MXNET_DISABLE_MKLDNN_FUSE_CONV_SUM=1 does, but MXNet reads it only when it loads.
+a sum fusion (an x + 0 between them during the flow, removed afterwards; the backend pass looks
+through a `_copy`) and the residual Adds and the ReLUs after them in float, as the simulation
+computes them. MXNET_DISABLE_MKLDNN_FUSE_CONV_SUM=1 does the same, but MXNet reads it only when
+its library loads.
 """
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +58,6 @@ from ..io import to_block
 from . import integers
 from .verification import Verification, compare, float_outputs, relative_difference
 
-log = logging.getLogger(__name__)
 
 BACKEND = "MKLDNN_QUANTIZE"
 FLOAT_OPS = ("elemwise_add", "_Plus", "_plus", "broadcast_add", "Activation")  # and pooling but max pooling
@@ -100,10 +99,23 @@ class Int8Model:
 
     def files(self, prefix) -> dict:
         """PREFIX-symbol.json and PREFIX-0000.params -> contents (params written by mx.nd.save)."""
-        arrays = {**{f"arg:{k}": v for k, v in self.arg_params.items()},
-                  **{f"aux:{k}": v for k, v in self.aux_params.items()}}
-        return {Path(f"{prefix}-0000.params"): lambda tmp: mx.nd.save(tmp, arrays),
-                Path(f"{prefix}-symbol.json"): self.symbol.tojson()}
+        return model_files(prefix, self.symbol.tojson(), self.arg_params, self.aux_params)
+
+
+def model_files(prefix, symbol_json: str, arg_params: dict, aux_params: dict) -> dict:
+    """An MXNet model's PREFIX-0000.params (first: a reader never sees a new symbol with old
+    params) and PREFIX-symbol.json -> contents."""
+    arrays = {**{f"arg:{k}": mx.nd.array(v) for k, v in arg_params.items()},
+              **{f"aux:{k}": mx.nd.array(v) for k, v in aux_params.items()}}
+    return {Path(f"{prefix}-0000.params"): lambda tmp: mx.nd.save(tmp, arrays),
+            Path(f"{prefix}-symbol.json"): symbol_json}
+
+
+def fp32_files(folded: Graph, prefix) -> dict:
+    """The folded float model's files, as MXNet's quantization flow starts from it."""
+    aux = folded.aux_names()
+    return model_files(prefix, folded.to_json(), {k: v for k, v in folded.params.items() if k not in aux},
+                       {k: v for k, v in folded.params.items() if k in aux})
 
 
 # ---------------------------------------------------------------------- weights
@@ -143,14 +155,14 @@ def _extreme(step: np.float32, negative: bool) -> np.float32 | None:
 
 # ---------------------------------------------------------------------- conversion
 def _guard_sums(graph: Graph) -> list[str]:
-    """A `_copy` between every Convolution and a residual sum reading it, so that oneDNN fuses no
+    """An x + 0 between every Convolution and a residual sum reading it, so that oneDNN fuses no
     convolution with a sum (the in-place sum of MXNet 1.9.1 saturates uint8 outputs at 127)."""
-    copies = []
+    guards = []
     for node in graph.nodes(SUM_OPS):
         for slot, ref in enumerate(graph.inputs(node)):
             if graph.op(ref.node) == "Convolution":
-                copies.append(graph.insert_on_edge(node, slot, "_plus_scalar", f"{ref.node}{UNFUSED}", {"scalar": "0"}))
-    return copies
+                guards.append(graph.insert_on_edge(node, slot, "_plus_scalar", f"{ref.node}{UNFUSED}", {"scalar": "0"}))
+    return guards
 
 
 def _nodes(symbol) -> list:
@@ -210,6 +222,10 @@ def convert(net, calib_images: np.ndarray) -> Int8Model:
     MXNet requantizes that no quantized layer reads get the (min, max) over `calib_images`."""
     folded = net.current_float_graph().cleanup()
     weights = {s.layer: s for s in net.weight_specs}
+    for layer in weights:
+        if folded.op(layer) not in ("Convolution", "FullyConnected"):
+            raise GraphError(f"node '{layer}': op {folded.op(layer)} has no int8 kernel in MXNet's oneDNN flow; keep "
+                             f"it float (--exclude-op {folded.op(layer)})")
     thresholds = net.thresholds()
     signed = {s.layer: s.signed for s in net.input_specs}
     notes = []
@@ -220,7 +236,7 @@ def convert(net, calib_images: np.ndarray) -> Int8Model:
         if kept:
             notes.append(f"{layer}: oneDNN keeps -128 for the extreme weight of channel(s) {kept}")
     guarded = folded.copy()
-    copies = _guard_sums(guarded)
+    guards = _guard_sums(guarded)
     args = {k: mx.nd.array(v) for k, v in params.items() if k not in folded.aux_names()}
     aux = {k: mx.nd.array(v) for k, v in params.items() if k in folded.aux_names()}
     symbol = guarded.to_symbol()
@@ -244,7 +260,7 @@ def convert(net, calib_images: np.ndarray) -> Int8Model:
         final = qsym.get_backend_symbol(BACKEND)
     except mx.base.MXNetError as err:
         raise GraphError(f"MXNet's quantization flow failed: {mxnet_error_line(err)}") from None
-    return Int8Model(_drop_copies(final, copies), qargs, qaux, ranges, tensors, notes)
+    return Int8Model(_drop_guards(final, guards), qargs, qaux, ranges, tensors, notes)
 
 
 def _key_tensor(key: str, heads: dict) -> str:
@@ -282,12 +298,12 @@ def _ranges(folded: Graph, tensors: dict, thresholds: dict, signed: dict, images
     return ranges
 
 
-def _drop_copies(symbol, copies: list):
-    """The final symbol without the `_copy` nodes that kept convolutions out of sum fusion (an
+def _drop_guards(symbol, guards: list):
+    """The final symbol without the x + 0 nodes that kept convolutions out of sum fusion (an
     edit of the Symbol JSON: MXNet's quantized operators are not all IR-checkable)."""
     doc = json.loads(symbol.tojson())
     nodes = doc["nodes"]
-    dropped = {i: node["inputs"][0] for i, node in enumerate(nodes) if node["name"] in set(copies)}
+    dropped = {i: node["inputs"][0] for i, node in enumerate(nodes) if node["name"] in set(guards)}
     if not dropped:
         return symbol
     position, kept = {}, []

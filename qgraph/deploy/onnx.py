@@ -125,7 +125,6 @@ class _Rewrite:
     """One QDQ rewrite of an FP32 ONNX model: new initializers and nodes, added in order."""
 
     model: object
-    folded: Graph
     initializers: list = field(default_factory=list)
     nodes: list = field(default_factory=list)
 
@@ -155,14 +154,17 @@ class _Rewrite:
         return codes, self.node("DequantizeLinear", [codes, scale, point], f"{prefix}_dequantized")
 
 
-def layer_nodes(model, folded: Graph) -> dict:
-    """MXNet layer -> its ONNX Conv/Gemm node. mx.onnx leaves Conv nodes unnamed, so a node is
-    found by what the export keeps: the weight initializer (the MXNet parameter) at input 1, or
-    the output tensor named after the MXNet node."""
+def layer_nodes(model, folded: Graph, quantized) -> dict:
+    """MXNet layer -> its ONNX Conv/Gemm node, for the `quantized` layers. mx.onnx leaves Conv
+    nodes unnamed, so a node is found by what the export keeps: the weight initializer (the
+    MXNet parameter) at input 1, or the output tensor named after the MXNet node."""
     by_weight = {n.input[1]: n for n in model.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 1}
     by_output = {o: n for n in model.graph.node for o in n.output}
     found = {}
-    for layer in folded.nodes(tuple(QUANTIZED_OPS)):
+    for layer in sorted(quantized):
+        if folded.op(layer) not in QUANTIZED_OPS:
+            raise GraphError(f"node '{layer}': op {folded.op(layer)} is quantized but has no QDQ writer here; "
+                             f"keep it float (--exclude-op {folded.op(layer)})")
         node = by_weight.get(folded.inputs(layer)[1].node) or by_output.get(layer)
         if node is None or node.op_type != QUANTIZED_OPS[folded.op(layer)]:
             kind = node.op_type if node is not None else "no node"
@@ -177,8 +179,8 @@ def qdq_model(folded: Graph, net, input_shape, debug_layers=()) -> "onnx.ModelPr
     `debug_layers`, the int8/uint8 codes of those layers' inputs are extra graph outputs (int32)."""
     onnx = require("onnx")
     model = to_onnx(folded, input_shape)
-    nodes = layer_nodes(model, folded)
-    rewrite = _Rewrite(model, folded)
+    nodes = layer_nodes(model, folded, {s.layer for s in net.weight_specs})
+    rewrite = _Rewrite(model)
     inits = {i.name: i for i in model.graph.initializer}
     thresholds = net.thresholds()
     weight_steps, input_steps, codes_of = {}, {}, {}
@@ -189,8 +191,8 @@ def qdq_model(folded: Graph, net, input_shape, debug_layers=()) -> "onnx.ModelPr
         weight = onnx.numpy_helper.to_array(inits[node.input[1]])
         codes, steps = integers.weight_codes(weight, spec)
         per_tensor = spec.reshape[0] == 1
-        node.input[1] = rewrite.dequantize(f"{spec.layer}_weight", codes, steps[:1].reshape(()) if per_tensor else steps,
-                                           axis=not per_tensor)
+        scale = steps[:1].reshape(()) if per_tensor else steps
+        node.input[1] = rewrite.dequantize(f"{spec.layer}_weight", codes, scale, axis=not per_tensor)
         weight_steps[spec.layer] = steps
     for spec in net.input_specs:
         node = nodes[spec.layer]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -15,7 +16,7 @@ from .. import data
 from ..cli import add_calib_args, add_model_file_args, add_quant_args, calibration_from_args, positive_int, shape_arg
 from ..errors import ConfigError
 from ..graph import Graph
-from ..io import check_output_prefix, guess_input_shapes, load_files, model_files, model_prefix
+from ..io import check_output_prefix, guess_input_shapes, load_files, model_files, model_prefix, write_files_atomic
 from .verification import FP32_TOLERANCE, Verification
 
 CIFAR10_PER_CLASS = 20  # calibration images per class drawn from the CIFAR-10 training set
@@ -28,8 +29,9 @@ def image_shape(text: str) -> tuple:
     return dims
 
 
-def add_export_args(parser: argparse.ArgumentParser, out_help: str, runtime: str):
-    """The shared flags; returns the (quantization, verification) argument groups for the tool's own."""
+def export_parser(prog: str, doc: str, out_help: str, runtime: str):
+    """An exporter's parser with the shared flags: (parser, quantization group, verification group)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_file_args(parser, out_help, shape_type=image_shape)
     quant = add_quant_args(parser)
     add_calib_args(parser)
@@ -49,7 +51,7 @@ def add_export_args(parser: argparse.ArgumentParser, out_help: str, runtime: str
     check.add_argument("--verify-limit", type=positive_int, default=None, metavar="N",
                        help="evaluate only the first N test images (default: all)")
     check.add_argument("-q", "--quiet", action="store_true", help="print only errors and the result lines")
-    return quant, check
+    return parser, quant, check
 
 
 @dataclass
@@ -112,6 +114,57 @@ def evaluation_data(args, job: ExportJob):
 def float_layers(folded: Graph, net) -> list:
     """The Convolution/FullyConnected layers the simulation keeps in float."""
     return sorted(n for n in folded.nodes(("Convolution", "FullyConnected")) if n not in net.thresholds())
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """What a runtime's tool plugs into run_export: `fp32_files(folded, job)` and
+    `int8_files(net, job, calibration images)` -> (folded graph, {path: content}, notes) make the
+    files; `verify(folded, written paths, images, labels, net or None)` -> Verification runs them;
+    `check_graph(graph)` refuses a model early (before calibration); `runtime` and `fp32_label`
+    name them in the report."""
+
+    runtime: str
+    fp32_files: Callable
+    int8_files: Callable
+    verify: Callable
+    check_graph: Callable = lambda graph: None
+    fp32_label: str | None = None
+
+
+def run_export(args, config, exporter: Exporter, quantize: Callable, fold: Callable, write: Callable) -> int:
+    """What every exporter tool does: check the inputs, fold BatchNorm (`fold(graph, config)` ->
+    (graph, report)) or quantize (`quantize(graph, config)`) and calibrate, write the files
+    atomically and, with --verify, run them. `write` receives the lines to show (progress ones
+    unless --quiet, then the report). Returns the exit status: 1 when a check misses its
+    tolerance, else 0."""
+    say = (lambda line: None) if args.quiet else write
+    job = prepare(args)
+    exporter.check_graph(job.graph)
+    net = None
+    if args.no_int8:
+        folded, report_ = fold(job.graph, config)
+        files = exporter.fp32_files(folded, job)
+    else:
+        net = quantize(job.graph, config)
+        report_ = net.report
+        folded, files, notes = exporter.int8_files(net, job, calibrate(net, args, job))
+        say(f"calibrated {len(net.thresholds())} int8 layers ({args.calib_mode}); float layers: "
+            f"{float_layers(folded, net) or 'none'}")
+        for note in notes:
+            say(f"note: {note}")
+    for entry in report_.for_pass("fold_bn"):
+        if entry.action == "skipped":
+            say(f"fold_bn skipped {entry.node}: {entry.reason}")
+    written = write_files_atomic(files)
+    say("wrote " + ", ".join(str(p) for p in written))
+    if not args.verify:
+        return 0
+    images, labels = evaluation_data(args, job)
+    result = exporter.verify(folded, written, images if net else images[:16], labels, net)
+    for line in report(result, exporter.runtime, exporter.fp32_label):
+        write(line)
+    return int(not result.ok)
 
 
 def report(result: Verification, runtime: str, fp32: str | None = None, fp32_images: int = 16) -> list[str]:

@@ -9,7 +9,7 @@ import sys
 import mxnet as mx
 import numpy as np
 import pytest
-from helpers import MNIST_CNN, MOBILENET, RESNET20
+from helpers import MNIST_CNN, MOBILENET, RESNET20, conv_deconv_graph
 
 import passes
 import qgraph
@@ -149,6 +149,13 @@ def test_signed_inputs_clip_at_minus_127_as_the_simulation(tmp_path):
     np.testing.assert_array_equal(codes_a, expected)
     np.testing.assert_array_equal(codes_b, expected)
     assert net(mx.nd.array(x)).asnumpy().min() == -1.0
+
+
+def test_a_quantized_layer_without_qdq_writer_is_refused():
+    net = passes.quantize(conv_deconv_graph(), CONFIG, input_shape=(1, 1, 4, 4))
+    net.set_thresholds({"c": 1.0, "d": 1.0})
+    with pytest.raises(GraphError, match=r"node 'd': op Deconvolution is quantized .*--exclude-op Deconvolution"):
+        deploy.qdq_model(net.current_float_graph().cleanup(), net, (1, 1, 4, 4))
 
 
 def test_an_op_without_onnx_mapping_names_node_and_op():

@@ -1,7 +1,6 @@
 """tools/export_onnx.py: FP32 and int8 QDQ export with --verify on bundled MNIST, and one clear
 line (exit 2, no output files, inputs untouched) for bad input: an op with no ONNX mapping,
 Winograd full mode, missing onnxruntime, and the other flags QDQ cannot state."""
-import hashlib
 import re
 import shutil
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 import pytest
+from helpers import digest
 
 from qgraph.data import mnist_split
 from qgraph.deploy import onnx as deploy
@@ -23,21 +23,8 @@ import export_onnx  # noqa: E402
 
 
 @pytest.fixture
-def mnist_files(tmp_path):
-    (x_train, _), (x_test, y_test) = mnist_split()
-    np.save(tmp_path / "calib.npy", x_train[:200])
-    np.savez(tmp_path / "test.npz", data=x_test[:200], label=y_test[:200])
-    return tmp_path / "calib.npy", tmp_path / "test.npz"
-
-
-def _digest(folder: Path) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def _run(argv, capsys):
-    rc = export_onnx.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
+def run(run_main):
+    return lambda argv: run_main(export_onnx.main, argv)
 
 
 def test_help_has_examples(capsys):
@@ -48,20 +35,20 @@ def test_help_has_examples(capsys):
     assert "examples:" in text and "--verify" in text and "--calib-mode" in text and "qdqisint8allowed" in text
 
 
-def test_fp32_export_verifies_against_mxnet(model, tmp_path, capsys):
+def test_fp32_export_verifies_against_mxnet(model, tmp_path, run):
     out = tmp_path / "out" / "mnist"
-    rc, stdout, _ = _run([f"{model}-symbol.json", "--out", out, "--no-int8", "--verify"], capsys)
+    rc, stdout, _ = run([f"{model}-symbol.json", "--out", out, "--no-int8", "--verify"])
     assert rc == 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["mnist-fp32.onnx"]
     match = re.search(r"fp32 onnxruntime vs MXNet: max relative difference (\S+) over 16 images \(ok\)", stdout)
     assert match and float(match.group(1)) <= 1e-4
 
 
-def test_int8_export_and_verify_last_line(model, mnist_files, tmp_path, capsys):
+def test_int8_export_and_verify_last_line(model, mnist_files, tmp_path, run):
     calib, test = mnist_files
     out = tmp_path / "out" / "mnist"
-    rc, stdout, _ = _run([f"{model}-symbol.json", "--out", out, "--calib-data", calib, "--calib-mode", "naive",
-                          "--verify", "--verify-data", test, "-q"], capsys)
+    rc, stdout, _ = run([f"{model}-symbol.json", "--out", out, "--calib-data", calib, "--calib-mode", "naive",
+                          "--verify", "--verify-data", test, "-q"])
     assert rc == 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["mnist-fp32.onnx", "mnist.onnx"]
     lines = stdout.strip().splitlines()
@@ -112,7 +99,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_is_one_line_exit_2_and_no_output(case, model, mnist_files, tmp_path, capsys, monkeypatch):
+def test_bad_input_is_one_line_exit_2_and_no_output(case, model, mnist_files, tmp_path, run, monkeypatch):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     for path in list(Path(model).parent.glob("m-*")) + list(mnist_files):
@@ -129,11 +116,11 @@ def test_bad_input_is_one_line_exit_2_and_no_output(case, model, mnist_files, tm
         monkeypatch.setitem(sys.modules, "onnxruntime", None)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    before = _digest(inputs)
-    rc, _, stderr = _run([symbol] + [names.get(f, f) for f in flags] + ["--out", out_dir / "x"], capsys)
+    before = digest(inputs)
+    rc, _, stderr = run([symbol] + [names.get(f, f) for f in flags] + ["--out", out_dir / "x"])
     assert rc == 2
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("export_onnx.py: error: "), stderr
     assert re.search(expected, lines[0]), lines[0]
     assert list(out_dir.iterdir()) == []
-    assert _digest(inputs) == before
+    assert digest(inputs) == before
