@@ -5,7 +5,8 @@ Weights are quantized per layer, per group (num_group slices) or per output chan
 (for FullyConnected both mean per output unit); inputs signed or unsigned ('auto':
 unsigned only where the producer is provably non-negative), with an online (batch)
 threshold or an offline one stored as the parameter `<layer>_data_threshold`
-(initialised to 0 until calibration). Inserting into a graph that already has
+(initialised to 0 until calibration). With quantize_bias, a layer's bias becomes an int32
+value at the input step times the weight step. Inserting into a graph that already has
 fake-quant nodes is refused.
 """
 from __future__ import annotations
@@ -16,8 +17,8 @@ from qgraph.config import QuantConfig
 from qgraph.errors import GraphError
 from qgraph.graph import Graph
 from qgraph.pass_manager import PassContext
-from qgraph.quantizer import (QUANTIZABLE_OPS, FakeQuantSpec, add_input_fake_quant, add_weight_fake_quant,
-                              weight_spec)
+from qgraph.quantizer import (QUANTIZABLE_OPS, FakeQuantSpec, add_bias_fake_quant, add_input_fake_quant,
+                              add_weight_fake_quant, input_step, spec_feeding, weight_spec)
 from qgraph.signs import is_non_negative
 from qgraph.tags import EXCLUDE_TAG, FQ_TAG, WINOGRAD_TAG
 
@@ -41,6 +42,7 @@ class InsertFakeQuant:
             described = [_insert_weight(graph, layer, config)]
             if config.quantize_input:
                 described.append(_insert_input(graph, layer, config, non_negative))
+                described += _insert_bias(graph, layer)
             ctx.report.changed(self.name, layer, "; ".join(described))
         return graph
 
@@ -55,7 +57,8 @@ def _skip_reason(graph: Graph, layer: str) -> str | None:
 
 
 def _insert_weight(graph: Graph, layer: str, config: QuantConfig) -> str:
-    add_weight_fake_quant(graph, weight_spec(graph, layer, config.weight_bits, config.quant_type, config.rounding))
+    add_weight_fake_quant(graph, weight_spec(graph, layer, config.weight_bits, config.quant_type, config.rounding,
+                                             bias_bits=32 if config.quantize_bias else 0))
     return f"weight int{config.weight_bits} per {config.quant_type}"
 
 
@@ -76,3 +79,11 @@ def _insert_input(graph: Graph, layer: str, config: QuantConfig, memo: dict) -> 
     kind = "int" if signed else "uint"
     how = "online" if config.online else ("offline, learned (LSQ)" if config.learn_thresholds else "offline (calibrate)")
     return f"input {kind}{config.input_bits} {how}"
+
+
+def _insert_bias(graph: Graph, layer: str) -> list[str]:
+    """The layer's bias at its input step times its weight step, if its weight spec asks (quantize_bias)."""
+    weight = spec_feeding(graph, layer, 1)
+    if weight is not None and add_bias_fake_quant(graph, weight, input_step(spec_feeding(graph, layer, 0))):
+        return [f"bias int{weight.bias_bits} at the input step x the weight step"]
+    return []

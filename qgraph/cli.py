@@ -103,6 +103,9 @@ def add_quant_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group.add_argument("--rounding", choices=("half_away", "half_even"), default="half_away",
                        help="how quantizers round ties: half away from zero (MXNet, ncnn) or half to even (ONNX "
                             "Runtime, oneDNN) (default: half_away)")
+    group.add_argument("--quantize-bias", action="store_true",
+                       help="make each quantized layer's bias the int32 value at input step x weight step, as "
+                            "ONNX Runtime's and oneDNN's int8 kernels add it (default: float bias)")
     group.add_argument("--wino-mode", choices=("weight", "full"), default="weight",
                        help="weight: weights quantized in the Winograd domain, then a direct convolution (the "
                             "seed); full: the Winograd kernel, input tiles quantized too (default: weight)")
@@ -130,7 +133,8 @@ def config_from_args(args) -> QuantConfig:
                        exclude_first_conv=args.exclude_first_conv, exclude_last_fc=args.exclude_last_fc,
                        exclude=tuple(args.exclude), exclude_ops=tuple(args.exclude_op),
                        winograd=args.wino_quantize, winograd_mode=args.wino_mode, rounding=args.rounding,
-                       winograd_scales=args.wino_scales, learn_thresholds=getattr(args, "learn_thresholds", False))
+                       winograd_scales=args.wino_scales, learn_thresholds=getattr(args, "learn_thresholds", False),
+                       quantize_bias=args.quantize_bias)
 
 
 def _floats(text: str) -> tuple:

@@ -33,6 +33,11 @@ class QuantConfig:
     tile position ('tile'). fake_bn: for QAT, quantize convolution weights folded with their
     BatchNorm (passes/fake_bn.py). learn_thresholds: QAT learns the offline input thresholds
     with LSQ's scaled gradient (Esser et al. 2019) instead of keeping them fixed.
+    rounding: how every quantizer rounds ties, 'half_away' (MXNet's round, ncnn) or
+    'half_even' (ONNX QuantizeLinear, oneDNN reorders). quantize_bias: each quantized layer's
+    bias becomes the int32 value round(b / (s_x * s_w)) * s_x * s_w (per output channel, with
+    `rounding`), the bias ONNX Runtime's QLinearConv/QGemm and oneDNN's int8 convolutions add;
+    it needs quantized inputs, and neither Winograd-domain weights nor fake BatchNorm.
     """
 
     weight_bits: int = 8
@@ -53,6 +58,7 @@ class QuantConfig:
     rounding: str = "half_away"
     winograd_scales: str = "channel"
     learn_thresholds: bool = False
+    quantize_bias: bool = False
 
     def __post_init__(self):
         for name in ("weight_bits", "input_bits"):
@@ -79,9 +85,10 @@ class QuantConfig:
             raise ConfigError("QuantConfig.winograd_scales='tile' quantizes a Winograd kernel's tiles: it needs "
                               "winograd set to F23, F43 or F63 and winograd_mode='full'")
         for name in ("quantize_input", "online", "merge_bn", "exclude_first_conv", "exclude_last_fc", "fake_bn",
-                     "learn_thresholds"):
+                     "learn_thresholds", "quantize_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"QuantConfig.{name}={getattr(self, name)!r}: must be True or False")
+        self._check_quantize_bias()
         for name in ("exclude", "exclude_ops"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):
@@ -95,6 +102,16 @@ class QuantConfig:
         if self.learn_thresholds and (self.online or not self.quantize_input):
             raise ConfigError("QuantConfig.learn_thresholds=True learns offline input thresholds: it needs "
                               "online=False and quantize_input=True")
+
+    def _check_quantize_bias(self) -> None:
+        """An int32 bias has the step s_x * s_w: it needs the input's step and a spatial weight step."""
+        if not self.quantize_bias:
+            return
+        blocker = ("quantize_input=False (no input step s_x)" if not self.quantize_input else
+                   f"winograd={self.winograd!r} (weight steps in the Winograd domain)" if self.winograd != "none" else
+                   "fake_bn=True (the folded bias is not a tensor of the graph)" if self.fake_bn else None)
+        if blocker:
+            raise ConfigError(f"QuantConfig.quantize_bias=True cannot be combined with {blocker}")
 
     def replace(self, **changes) -> "QuantConfig":
         return dataclasses.replace(self, **changes)

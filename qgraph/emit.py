@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Mapping, NamedTuple, Sequence
 
 from .graph import Graph, TensorRef
-from .quantizer import FakeQuantSpec, add_fixed_weight, add_input_fake_quant, add_weight_fake_quant
+from .quantizer import (FakeQuantSpec, add_bias_fake_quant, add_fixed_weight, add_input_fake_quant,
+                        add_weight_fake_quant, input_step)
 from .tags import FQ_TAG
 
 
@@ -60,7 +61,8 @@ def emit(float_graph: Graph, weight_specs: Sequence[FakeQuantSpec], input_specs:
     constants, which a forward pass computes with fewer operators; with `input_shapes` (the
     graph inputs' shapes) too, the evaluation form quantizes on oneDNN's reorders. Given
     `fixed_weights` (spec id -> parameter name), the evaluation form reads each quantized weight
-    from that parameter instead of computing it (see fixed_weight_outputs)."""
+    from that parameter instead of computing it (see fixed_weight_outputs). A weight spec with
+    bias_bits quantizes its layer's bias too where both of the layer's quantizers are on."""
     graph = float_graph.copy()
     model_outputs = len(graph.outputs)
     for bn in graph.nodes("BatchNorm") if mode.bn_frozen else ():
@@ -71,7 +73,7 @@ def emit(float_graph: Graph, weight_specs: Sequence[FakeQuantSpec], input_specs:
             add_fixed_weight(graph, spec, fixed_weights[spec.id])
         else:
             add_weight_fake_quant(graph, spec, ste=mode.training)
-    stats, minima, stat_layers, probe_layers = [], [], [], []
+    stats, minima, stat_layers, probe_layers, steps = [], [], [], [], {}
     for spec in input_specs if mode.inputs else ():
         spec = dataclasses.replace(spec, online=mode.online)
         if mode.sign_probe and mode.online and not spec.signed:
@@ -81,9 +83,13 @@ def emit(float_graph: Graph, weight_specs: Sequence[FakeQuantSpec], input_specs:
         value = None if mode.online or thresholds is None else thresholds[spec.layer]
         _, stat = add_input_fake_quant(graph, spec, ste=mode.training, threshold_value=value,
                                        data_shape=data_shapes.get(spec.layer))
+        steps[spec.layer] = input_step(spec, value)
         if mode.online:
             stats.append(stat)
             stat_layers.append(spec.layer)
+    for spec in weight_specs if mode.weights else ():  # integer biases: both steps are known now
+        if spec.layer in steps:
+            add_bias_fake_quant(graph, spec, steps[spec.layer], ste=mode.training)
     for ref in stats + minima:
         graph.add_output(ref)
     return Emission(graph.cleanup(), model_outputs, tuple(stat_layers), tuple(probe_layers))

@@ -5,6 +5,8 @@ Arithmetic (DESIGN.md, "Quantizer arithmetic"):
       Q(W) = clip(round(W / s), -(2^(b-1)-1), 2^(b-1)-1) * s
   inputs, threshold T:  unsigned s = T / (2^b-1), clip to [0, T];
       signed s = T / (2^(b-1)-1), clip to [-T, T];  Q(x) = round(clip(x) / s) * s
+  bias (a weight spec with bias_bits, the layer's input quantized too), per output channel c:
+      s_b = s_x * s_w[c],  Q(b) = clip(round(b / s_b), -(2^(B-1)-1), 2^(B-1)-1) * s_b
 `round` is half away from zero (MXNet's `round`, as ncnn) or half to even (ONNX Runtime),
 as the spec's `rounding` says; every form rounds the same way. A zero scale is raised to
 1e-30, so an all-zero group or input quantizes to exactly zero instead of NaN.
@@ -53,6 +55,9 @@ def unsigned_levels(bits: int) -> int:
     return 2 ** bits - 1
 
 
+_ID_PART = {"weight": "weight", "input": "data", "bias": "bias"}
+
+
 @dataclass(frozen=True)
 class FakeQuantSpec:
     """What one fake-quant subgraph computes. `layer` is the node whose input it feeds,
@@ -61,7 +66,9 @@ class FakeQuantSpec:
     thresholds come from the batch (`stat` 'max' or 'mean_max'), otherwise from the
     parameter `threshold`. A weight spec with `winograd` set (F23/F43/F63) quantizes the
     3x3 kernels in that tile's Winograd domain, U = G g G^T, grouped by `reshape` as W would
-    be, and projects Q(U) back with G's pseudo-inverse (qgraph.winograd)."""
+    be, and projects Q(U) back with G's pseudo-inverse (qgraph.winograd). A "bias" spec
+    (bias_spec(weight spec), built by add_bias_fake_quant) quantizes the layer's bias at the
+    step of its input times the step of its weight."""
 
     kind: str              # "weight" or "input"
     layer: str
@@ -78,10 +85,11 @@ class FakeQuantSpec:
     winograd: str = ""
     rounding: str = "half_away"
     learned: bool = False  # an offline input threshold QAT learns (LSQ)
+    bias_bits: int = 0     # weight specs: 0 keeps the layer's bias float, 32 makes it int32 at s_x * s_w
 
     @property
     def id(self) -> str:
-        return f"{self.layer}_{'weight' if self.kind == 'weight' else 'data'}_fq"
+        return f"{self.layer}_{_ID_PART[self.kind]}_fq"
 
     @property
     def levels(self) -> int:
@@ -137,9 +145,7 @@ def add_weight_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True) -
     # Reshape cannot read that layout ("could not create a primitive descriptor for a reorder")
     private = node("_copy", "copy", [weight])
     source = winograd.transform_weight(node, private, spec.winograd) if spec.winograd else private
-    grouped = node("Reshape", "grouped", [source], shape=spec.reshape)
-    magnitude = node("max", "absmax", [node("abs", "abs", [grouped])], axis=spec.axes, keepdims=True)
-    scale = _scale(node, magnitude, levels)
+    grouped, scale = _grouped_weight_scale(node, source, spec)
     integers = node("clip", "int", [_round(node, node("broadcast_div", "div", [grouped, scale]), spec.rounding, False)],
                     a_min=float(-levels), a_max=float(levels))
     dequantized = node("broadcast_mul", "mul", [integers, scale])
@@ -152,10 +158,21 @@ def add_weight_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True) -
     return _tag_exit(graph, exit_ref, spec)
 
 
+def _grouped_weight_scale(node: NodeBuilder, source: TensorRef, spec: FakeQuantSpec) -> tuple[TensorRef, TensorRef]:
+    """W grouped as spec.reshape, and its step per group, max|W_g| / levels (the node `<id>_scale`)."""
+    grouped = node("Reshape", "grouped", [source], shape=spec.reshape)
+    magnitude = node("max", "absmax", [node("abs", "abs", [grouped])], axis=spec.axes, keepdims=True)
+    return grouped, _scale(node, magnitude, spec.levels)
+
+
 def add_fixed_weight(graph: Graph, spec: FakeQuantSpec, name: str) -> str:
     """layer[slot] <- W   becomes   layer[slot] <- C, a new parameter `name` (zeros here) that holds
-    Q(W) computed beforehand: the evaluation form of a weight whose values are known."""
+    Q(W) computed beforehand: the evaluation form of a weight whose values are known. With
+    bias_bits, the weight's steps `<id>_scale` are still computed from W (add_bias_fake_quant)."""
     target, slot = _weight_slot(graph, spec)
+    if spec.bias_bits:
+        node = _builder(graph, spec)
+        _grouped_weight_scale(node, node("_copy", "copy", [graph.inputs(target)[slot]]), spec)
     fixed = graph.add_variable(name, np.zeros(spec.shape, np.float32), attrs={FQ_TAG: spec.id})
     graph.set_input(target, slot, fixed)
     return fixed
@@ -198,11 +215,14 @@ def weight_grouping(graph: Graph, layer: str, granularity: str) -> tuple[tuple, 
     return (shape[0], -1), (1,)
 
 
-def weight_spec(graph: Graph, layer: str, bits: int, granularity: str, rounding: str = "half_away") -> FakeQuantSpec:
-    """The spec of a signed `bits`-bit quantizer of `layer`'s weight at `granularity`."""
+def weight_spec(graph: Graph, layer: str, bits: int, granularity: str, rounding: str = "half_away",
+                bias_bits: int = 0) -> FakeQuantSpec:
+    """The spec of a signed `bits`-bit quantizer of `layer`'s weight at `granularity` (with
+    `bias_bits`, the layer's bias is quantized too, see add_bias_fake_quant)."""
     reshape, axes = weight_grouping(graph, layer, granularity)
     return FakeQuantSpec("weight", layer, 1, bits, signed=True, granularity=granularity, reshape=reshape, axes=axes,
-                         shape=tuple(graph.params[weight_param(graph, layer)].shape), rounding=rounding)
+                         shape=tuple(graph.params[weight_param(graph, layer)].shape), rounding=rounding,
+                         bias_bits=bias_bits)
 
 
 def online_threshold(graph: Graph, node: NodeBuilder, spec: FakeQuantSpec, x: TensorRef) -> TensorRef:
@@ -417,6 +437,83 @@ def _add_reorder_input_fake_quant(graph: Graph, node: NodeBuilder, spec: FakeQua
     return _tag_exit(graph, quantized, spec)
 
 
+# ---------------------------------------------------------------------- integer biases
+def bias_spec(weight: FakeQuantSpec) -> FakeQuantSpec:
+    """The spec of the bias quantizer a weight spec with bias_bits asks for."""
+    return dataclasses.replace(weight, kind="bias", slot=2, bits=weight.bias_bits)
+
+
+def input_step(spec: FakeQuantSpec, threshold_value: float | None = None) -> float | TensorRef:
+    """The step of an input quantizer added by add_input_fake_quant with `threshold_value`: the
+    float32 T / L as a number when the threshold was baked, else its node `<id>_step`."""
+    if threshold_value is not None and not spec.online:
+        return float(np.float32(threshold_value) / np.float32(spec.levels))
+    return TensorRef(f"{spec.id}_step")
+
+
+def add_bias_fake_quant(graph: Graph, weight: FakeQuantSpec, step: float | TensorRef, ste: bool = True) -> str | None:
+    """layer[2] <- b   becomes   layer[2] <- Q(b) = clip(round(b / s_b)) * s_b with s_b = s_x * s_w
+    per output channel: the integer bias (bias_bits, e.g. int32) of an int8 kernel that adds it
+    to its integer sums. `step` is the input's step s_x (input_step()); s_w is the node
+    `<weight id>_scale` of the weight quantizer (add_weight_fake_quant, or add_fixed_weight,
+    which computes it for this). Returns the exit node, or None when the spec has no bias_bits
+    or the layer no bias. Ties round as `weight.rounding` says, at any magnitude; the integers
+    saturate at the largest float32 within 2^(B-1) - 1."""
+    inputs = graph.inputs(weight.layer)
+    if not weight.bias_bits or len(inputs) < 3:
+        return None
+    spec = bias_spec(weight)
+    node = _builder(graph, spec)
+    weight_scale = TensorRef(f"{weight.id}_scale")
+    if weight_scale.node not in graph.nx:
+        raise GraphError(f"{spec.id}: the weight quantizer of '{weight.layer}' must be added first")
+    groups = int(np.prod([d for i, d in enumerate(weight.reshape) if i not in weight.axes]))
+    channels = _output_channels(graph, weight)
+    per_channel = node("Reshape", "weight_scale", [weight_scale], shape=(-1,))
+    if groups not in (1, channels):  # one step per group: each repeated for the group's channels
+        per_channel = node("repeat", "channel_scale", [per_channel], repeats=channels // groups, axis=0)
+    if isinstance(step, TensorRef):
+        scale = node("broadcast_mul", "step_product", [per_channel, step])
+    else:
+        scale = node("_mul_scalar", "step_product", [per_channel], scalar=float(step))
+    scale = node("_maximum_scalar", "scale", [scale], scalar=MIN_SCALE)
+    limit = float32_at_most(spec.levels)
+    value = node("clip", "clip", [node("broadcast_div", "div", [inputs[2], scale])], a_min=-limit, a_max=limit)
+    integers = _round_any(node, value, spec.rounding)
+    quantized = node("broadcast_mul", "dequant", [integers, scale])
+    exit_ref = _straight_through(node, inputs[2], quantized, ste)
+    graph.set_input(weight.layer, 2, exit_ref)
+    return _tag_exit(graph, exit_ref, spec)
+
+
+def float32_at_most(levels: int) -> float:
+    """The largest float32 not above `levels`: where a float32 clip of int32 values must stop
+    (float32(2^31 - 1) is 2^31, which int32 cannot hold)."""
+    value = np.float32(levels)
+    return float(value if float(value) <= levels else np.nextafter(value, np.float32(0)))
+
+
+def _output_channels(graph: Graph, weight: FakeQuantSpec) -> int:
+    if graph.op(weight.layer) == "Deconvolution":  # (C_in, C_out / g, k...)
+        return weight.shape[1] * A.get_int(graph.attrs(weight.layer), "num_group", 1, weight.layer)
+    return weight.shape[0]
+
+
+def _round_any(node: NodeBuilder, value: TensorRef, rounding: str) -> TensorRef:
+    """`value` rounded half away from zero (MXNet's `round`) or half to even, for any float32
+    magnitude (an int32 bias passes 2^22, where the shift of `_round` stops being exact):
+    r = round(v), then at an exact tie (|r - v| = 0.5) an odd r steps back by 2 (r - v)."""
+    rounded = node("round", "round", [value])
+    if rounding == "half_away":
+        return rounded
+    away = node("elemwise_sub", "away", [rounded, value])
+    tie = node("_equal_scalar", "tie", [node("abs", "away_abs", [away])], scalar=0.5)
+    odd = node("_mod_scalar", "odd", [node("abs", "rounded_abs", [rounded])], scalar=2.0)
+    back = node("elemwise_mul", "back", [node("elemwise_mul", "tie_odd", [tie, odd]),
+                                          node("_mul_scalar", "twice_away", [away], scalar=2.0)])
+    return node("elemwise_sub", "even", [rounded, back])
+
+
 def spec_feeding(graph: Graph, layer: str, slot: int) -> FakeQuantSpec | None:
     """The spec of the fake-quant subgraph feeding `layer[slot]`, if any."""
     inputs = graph.inputs(layer)
@@ -444,7 +541,7 @@ def fake_quant_specs(graph: Graph) -> list[FakeQuantSpec]:
     return [FakeQuantSpec.from_json(graph.attrs(n)[SPEC_TAG]) for n in graph.nodes() if SPEC_TAG in graph.attrs(n)]
 
 
-def strip_fake_quant(graph: Graph, kinds=("weight", "input"), layers=None) -> Graph:
+def strip_fake_quant(graph: Graph, kinds=("weight", "input", "bias"), layers=None) -> Graph:
     """Remove the fake-quant subgraphs of the given kinds (and, if given, only those feeding
     the nodes in `layers`), wiring each layer back to the tensor the subgraph quantized.
     Threshold parameters left unused are dropped with the rest of the dead nodes: read them
@@ -459,7 +556,9 @@ def strip_fake_quant(graph: Graph, kinds=("weight", "input"), layers=None) -> Gr
         if spec.kind not in kinds or (layers is not None and spec.layer not in layers):
             continue
         group = members.get(spec.id, set())
-        sources = {ref for n in group for ref in graph.inputs(n) if ref.node not in group and ref.node != spec.threshold}
+        # a bias quantizer also reads the steps of its layer's weight and input quantizers
+        sources = {ref for n in group for ref in graph.inputs(n) if ref.node not in group
+                   and ref.node != spec.threshold and FQ_TAG not in graph.attrs(ref.node)}
         if len(sources) != 1:
             raise GraphError(f"fake-quant subgraph '{spec.id}' reads {sorted(sources)}; expected one tensor")
         graph.replace_all_uses(TensorRef(exit_node), sources.pop())

@@ -7,6 +7,7 @@ fixtures.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -135,6 +136,17 @@ def build_tiny_symbol():
     return S.Activation(conv, act_type="relu", name="r")
 
 
+def conv_deconv_graph():
+    """data (1 channel) -> Convolution 'c' -> Deconvolution 'd', both with biases: a quantizable
+    layer most deployment runtimes have no int8 kernel for."""
+    S = mx.sym
+    out = S.Deconvolution(S.Convolution(S.var("data"), num_filter=2, kernel=(1, 1), name="c"), num_filter=2,
+                          kernel=(2, 2), no_bias=False, name="d")
+    params = {"c_weight": np.ones((2, 1, 1, 1), F32), "c_bias": np.zeros(2, F32), "d_weight": np.ones((2, 2, 2, 2), F32),
+              "d_bias": np.zeros(2, F32)}
+    return qgraph.Graph.from_json(out.tojson(), params, input_names=["data"])
+
+
 def graph_of(model: Model):
     """A qgraph Graph of `model` with its input shapes set."""
     graph = qgraph.Graph.from_json(model.json, model.params)
@@ -163,6 +175,11 @@ def run_graph(graph, inputs: dict) -> list:
     """Forward a qgraph Graph through qgraph.to_block."""
     return run_block(qgraph.to_block(graph), inputs, graph.input_names)
 
+
+
+def digest(folder) -> dict:
+    """File name -> sha256 of every file in `folder`: inputs must come out of a failed run untouched."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir()) if p.is_file()}
 
 
 def write_recordio(folder, name="set", count=6, corrupt=None, shape=(12, 10, 3), classes=3):

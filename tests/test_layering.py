@@ -8,7 +8,7 @@ from pathlib import Path
 from importlinter.cli import lint_imports
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONAL = {"ncnn", "graphviz"}  # may be imported inside a function, with a comment saying why
+OPTIONAL = {"ncnn", "graphviz", "onnx", "onnxruntime"}  # may be imported inside a function, with a comment saying why
 
 
 def test_import_contracts_are_kept(monkeypatch):
@@ -32,5 +32,5 @@ def test_library_imports_sit_at_the_top_of_modules():
 def test_optional_imports_say_why():
     for path in (ROOT / "qgraph").rglob("*.py"):
         for number, line in enumerate(path.read_text().splitlines(), 1):
-            if re.match(r"\s+import (ncnn|graphviz)\b", line):
+            if re.match(r"\s+(import|from) (ncnn|graphviz|onnx|onnxruntime)\b", line):
                 assert "#" in line, f"{path.relative_to(ROOT)}:{number}: say why the import is deferred"

@@ -43,7 +43,8 @@ from .. import attrs as A
 from ..errors import ConfigError, GraphError, mxnet_error_line
 from ..evaluate import predict
 from ..graph import Graph, TensorRef
-from ..io import to_block, write_atomic, write_files_atomic
+from ..io import write_atomic, write_files_atomic
+from .verification import Verification, compare, float_outputs, relative_difference
 
 MAGIC = 7767517
 TAG_FLOAT32 = 0
@@ -507,10 +508,6 @@ class NcnnRunner:
 
 
 # ---------------------------------------------------------------------- export and verification
-FP32_TOLERANCE = 1e-4      # max relative difference of FP32 ncnn against MXNet
-TOP1_TOLERANCE = 0.3       # points of top-1 between ncnn int8 and the simulation
-
-
 def check_config(config) -> None:
     """Refuse simulation settings ncnn's int8 kernels cannot run (a QuantConfig)."""
     if config.weight_bits != 8 or config.input_bits != 8:
@@ -558,23 +555,6 @@ def export_int8(net, input_shape) -> Int8Export:
     return Int8Export(folded, to_ncnn(folded, input_shape), text, to_ncnn(folded, input_shape, Table.parse(text)))
 
 
-@dataclass(frozen=True)
-class Verification:
-    """FP32 ncnn against MXNet (max relative difference), and, with an int8 model, ncnn int8
-    against the simulation: top-1 of each (percent) and per-sample agreement (percent)."""
-
-    fp32_relative: float
-    images: int
-    ncnn_top1: float | None = None
-    simulated_top1: float | None = None
-    agreement: float | None = None
-
-    @property
-    def ok(self) -> bool:
-        int8_ok = self.ncnn_top1 is None or abs(self.ncnn_top1 - self.simulated_top1) <= TOP1_TOLERANCE
-        return self.fp32_relative <= FP32_TOLERANCE and int8_ok
-
-
 def verify(folded: Graph, fp32_files, images: np.ndarray, labels=None, net=None, int8_files=None,
            input_name: str = "data", options: dict | None = None, threads: int = 1, fp32_images: int = 16,
            progress=None) -> Verification:
@@ -582,15 +562,10 @@ def verify(folded: Graph, fp32_files, images: np.ndarray, labels=None, net=None,
     `fp32_images` images, then (given `net` and `int8_files`) int8 against the simulation on all."""
     sample = images[:fp32_images]
     fp32 = NcnnRunner(*fp32_files, input_name=input_name, num_threads=threads, options=options)
-    ours = fp32(sample)
-    ref = to_block(folded)(mx.nd.array(sample)).asnumpy()
-    relative = float(np.abs(ours.reshape(ref.shape) - ref).max() / max(np.abs(ref).max(), 1e-30))
+    relative = relative_difference(fp32(sample), float_outputs(folded, sample))
     if net is None or int8_files is None:
         return Verification(relative, len(sample))
     int8 = NcnnRunner(*int8_files, input_name=input_name, output_name=fp32.output_name, num_threads=threads,
                       options=dict(options or {}, use_int8_inference=True))
     ncnn_top = int8(images, progress=progress).reshape(len(images), -1).argmax(1)
-    sim_top = predict(net, images)
-    agreement = 100.0 * float((ncnn_top == sim_top).mean())
-    return Verification(relative, len(images), 100 * float((ncnn_top == labels).mean()),
-                        100 * float((sim_top == labels).mean()), agreement)
+    return compare(relative, ncnn_top, predict(net, images), labels)

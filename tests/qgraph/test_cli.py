@@ -32,6 +32,11 @@ def test_every_quantization_flag_reaches_the_config():
         exclude_ops=("Deconvolution",), winograd="F43", winograd_mode="full")
 
 
+def test_target_arithmetic_flags_reach_the_config():
+    args = _parser().parse_args(["--rounding", "half_even", "--quantize-bias"])
+    assert cli.config_from_args(args) == QuantConfig(rounding="half_even", quantize_bias=True)
+
+
 def test_calibration_flags():
     args = _parser().parse_args(["--calib-mode", "percentile", "--calib-epoch", "2", "--calib-batch-size", "32",
                                  "--percentile", "99.9"])

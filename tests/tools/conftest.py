@@ -2,6 +2,7 @@
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BUNDLED = Path(__file__).resolve().parents[2] / "models" / "mnist_cnn"
@@ -13,3 +14,24 @@ def model(tmp_path):
     for suffix in ("-symbol.json", "-0000.params"):
         shutil.copy(f"{BUNDLED}{suffix}", tmp_path / f"m{suffix}")
     return tmp_path / "m"
+
+
+@pytest.fixture
+def mnist_files(tmp_path):
+    """calib.npy (200 training digits) and test.npz (200 test digits with labels) in tmp_path."""
+    from qgraph.data import mnist_split
+
+    (x_train, _), (x_test, y_test) = mnist_split()
+    np.save(tmp_path / "calib.npy", x_train[:200])
+    np.savez(tmp_path / "test.npz", data=x_test[:200], label=y_test[:200])
+    return tmp_path / "calib.npy", tmp_path / "test.npz"
+
+
+@pytest.fixture
+def run_main(capsys):
+    """Call a tool's main(argv) in-process: (exit code, stdout, stderr)."""
+    def run(main, argv):
+        rc = main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        return rc, captured.out, captured.err
+    return run

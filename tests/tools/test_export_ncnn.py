@@ -1,6 +1,5 @@
 """tools/export_ncnn.py: FP32 and int8 export with --verify on bundled MNIST, and one clear line
 (exit 2, no output files, inputs untouched) for bad input."""
-import hashlib
 import re
 import shutil
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 import pytest
+from helpers import digest
 
 from qgraph.data import mnist_split
 from qgraph.deploy import ncnn as deploy
@@ -22,21 +22,8 @@ import export_ncnn  # noqa: E402
 
 
 @pytest.fixture
-def mnist_files(tmp_path):
-    (x_train, y_train), (x_test, y_test) = mnist_split()
-    np.save(tmp_path / "calib.npy", x_train[:200])
-    np.savez(tmp_path / "test.npz", data=x_test[:200], label=y_test[:200])
-    return tmp_path / "calib.npy", tmp_path / "test.npz"
-
-
-def _digest(folder: Path) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def _run(argv, capsys):
-    rc = export_ncnn.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
+def run(run_main):
+    return lambda argv: run_main(export_ncnn.main, argv)
 
 
 def test_help_has_examples(capsys):
@@ -47,22 +34,22 @@ def test_help_has_examples(capsys):
     assert "examples:" in text and "--verify" in text and "--calib-mode" in text
 
 
-def test_fp32_export_verifies_against_mxnet(model, tmp_path, capsys):
+def test_fp32_export_verifies_against_mxnet(model, tmp_path, run):
     out = tmp_path / "out" / "mnist"
     out.parent.mkdir()
-    rc, stdout, _ = _run([f"{model}-symbol.json", "--out", out, "--no-int8", "--verify"], capsys)
+    rc, stdout, _ = run([f"{model}-symbol.json", "--out", out, "--no-int8", "--verify"])
     assert rc == 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["mnist.bin", "mnist.param"]
     match = re.search(r"fp32 ncnn vs MXNet: max relative difference (\S+) over 16 images \(ok\)", stdout)
     assert match and float(match.group(1)) <= 1e-4
 
 
-def test_int8_export_and_verify_last_line(model, mnist_files, tmp_path, capsys):
+def test_int8_export_and_verify_last_line(model, mnist_files, tmp_path, run):
     calib, test = mnist_files
     out = tmp_path / "out" / "mnist"
     out.parent.mkdir()
-    rc, stdout, _ = _run([f"{model}-symbol.json", "--out", out, "--calib-data", calib, "--calib-mode", "naive",
-                          "--verify", "--verify-data", test, "-q"], capsys)
+    rc, stdout, _ = run([f"{model}-symbol.json", "--out", out, "--calib-data", calib, "--calib-mode", "naive",
+                          "--verify", "--verify-data", test, "-q"])
     assert rc == 0
     names = sorted(p.name for p in out.parent.iterdir())
     assert names == ["mnist-int8.bin", "mnist-int8.param", "mnist.bin", "mnist.param", "mnist.table"]
@@ -84,10 +71,10 @@ def test_int8_export_and_verify_last_line(model, mnist_files, tmp_path, capsys):
     assert "8=2" in Path(f"{out}-int8.param").read_text()
 
 
-def test_exclude_first_conv_leaves_it_out_of_the_table(model, mnist_files, tmp_path, capsys):
+def test_exclude_first_conv_leaves_it_out_of_the_table(model, mnist_files, tmp_path, run):
     calib, _ = mnist_files
-    rc, _, _ = _run([f"{model}-symbol.json", "--out", tmp_path / "m8", "--calib-data", calib,
-                     "--exclude-first-conv", "true", "-q"], capsys)
+    rc, _, _ = run([f"{model}-symbol.json", "--out", tmp_path / "m8", "--calib-data", calib,
+                     "--exclude-first-conv", "true", "-q"])
     assert rc == 0
     table = deploy.Table.load(tmp_path / "m8.table")
     assert "mnistcnn_conv0_fwd" not in table.inputs and len(table.inputs) == 4
@@ -108,7 +95,7 @@ def _unsupported_model(folder: Path) -> Path:
 
 @pytest.mark.parametrize("case", ["unsupported_op", "unsigned_inputs", "four_bits", "missing_symbol",
                                   "no_calibration_data", "verify_without_data", "missing_calib_file"])
-def test_bad_input_is_one_line_exit_2_and_no_output(case, model, tmp_path, capsys):
+def test_bad_input_is_one_line_exit_2_and_no_output(case, model, tmp_path, run):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     for path in Path(model).parent.glob("m-*"):
@@ -127,8 +114,8 @@ def test_bad_input_is_one_line_exit_2_and_no_output(case, model, tmp_path, capsy
         "verify_without_data": [f"{model}-symbol.json", "--calib-data", "nothing.npy", "--verify"],
         "missing_calib_file": [f"{model}-symbol.json", "--calib-data", tmp_path / "nothing.npy"],
     }[case]
-    before = _digest(inputs)
-    rc, stdout, stderr = _run(argv + ["--out", out], capsys)
+    before = digest(inputs)
+    rc, stdout, stderr = run(argv + ["--out", out])
     assert rc == 2
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("export_ncnn.py: error: ")
@@ -137,4 +124,4 @@ def test_bad_input_is_one_line_exit_2_and_no_output(case, model, tmp_path, capsy
                 "verify_without_data": "--verify-data", "missing_calib_file": "nothing.npy"}[case]
     assert re.search(expected, lines[0]), lines[0]
     assert list(out_dir.iterdir()) == []
-    assert _digest(inputs) == before
+    assert digest(inputs) == before
