@@ -6,11 +6,14 @@ weights, uint8 inputs with online thresholds, every convolution quantized, the f
 (the configuration of the sensitivity section of docs/RESULTS.md), on --images CIFAR-10 test
 images spread over the split (random images when the data is absent), batch 128. One
 qgraph.sensitivity() call with the weights-only and inputs-only sweeps is timed, quantization
-included. Prints the three most costly layers, then, last, `sensitivity seconds per layer: X`.
+included. Prints the three most costly layers, the CPU time this process spent and the load
+average (other processes competing for the cores stretch the wall time), then, last,
+`sensitivity seconds per layer: X` (wall time).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -48,16 +51,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     x, y = images(args.images)
     prefix = resnet20_prefix()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = qgraph.sensitivity(prefix, CONFIG, x, y, quantize=passes.quantize, sweeps=("weights", "inputs"),
                                 batch_size=args.batch_size)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     layers = len(result.rows)
     print(f"{layers} layers, {len(x)} images: FP32 top-1 {100 * result.fp32_top1:.2f}%, every layer quantized "
           f"{100 * result.quantized_top1:.2f}%")
     for rank, row in enumerate(result.ranked()[:3], 1):
         print(f"{rank}. {row.layer}: drop {row.drop_weights:.2f} (weights only), {row.drop_input:.2f} (input only)")
-    print(f"sweeps: {seconds:.1f} s in all")
+    print(f"sweeps: {seconds:.1f} s in all, {cpu:.1f} s of CPU time ({cpu / layers:.2f} a layer); load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"sensitivity seconds per layer: {seconds / layers:.2f}")
     return 0
 

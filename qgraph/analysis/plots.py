@@ -126,6 +126,8 @@ def weight_ranges(panels: Sequence[Mapping], bits: int) -> list[bytes]:
         axes.axhline(top / (2 * levels), color="black", linestyle=":", linewidth=1,
                      label=f"half an int{bits} step, one scale per layer")
         axes.set_yscale("log")
+        highest = max(top, float(before.max()))
+        axes.set_ylim(top=highest * 40)  # headroom above the channels for the legend
         axes.set_title(panel["layer"], fontsize=9)
         axes.set_xlabel("output channel (sorted by its folded range)", fontsize=8)
         axes.set_ylabel("max |w| of the channel", fontsize=8)

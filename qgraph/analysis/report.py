@@ -93,7 +93,7 @@ class Analysis:
         if self.search is not None:
             lines += ["## Mixed precision", "", self.search.to_markdown(),
                       "As a `--layer-config` file (`layer_config.json`):", "", "```json",
-                      json.dumps(self.search.config.overrides_json(), indent=1), "```", "",
+                      layer_config_text(self.search.config).rstrip(), "```", "",
                       "![top-1 against bits](top1_vs_bits.png)", ""]
         lines += ["## Quantized inputs", "",
                   "Each quantized input's values on the calibration images (log counts) and the threshold each "
@@ -132,7 +132,7 @@ class Analysis:
         files[folder / "sensitivity.json"] = self.sensitivity.to_json()
         if self.search is not None:
             files[folder / "search.json"] = self.search.to_json()
-            files[folder / "layer_config.json"] = json.dumps(self.search.config.overrides_json(), indent=1) + "\n"
+            files[folder / "layer_config.json"] = layer_config_text(self.search.config)
         files[folder / "index.md"] = self.to_markdown(figures)
         return write_files_atomic(files)
 
@@ -160,6 +160,12 @@ def analyze(graph: Graph, config: QuantConfig, calib_images, holdout: tuple, tes
     if test is not None:
         _evaluate_test(analysis, graph, net, quantize, calibration, calib_images, test, batch_size, ctx, progress)
     return analysis
+
+
+def layer_config_text(config: QuantConfig) -> str:
+    """config.layer_overrides as a --layer-config JSON object, one layer a line."""
+    entries = [f"  {json.dumps(pattern)}: {json.dumps(entry)}" for pattern, entry in config.overrides_json().items()]
+    return "{\n" + ",\n".join(entries) + "\n}\n" if entries else "{}\n"
 
 
 def weight_bits_of(search: PrecisionSearch, bits) -> int:

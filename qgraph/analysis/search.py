@@ -97,8 +97,9 @@ class PrecisionSearch:
                  f"- weight size: {self.weight_bits:,} bits against {self.int8_weight_bits:,} at int8 "
                  f"({self.weight_bits / self.int8_weight_bits:.3f}x)",
                  "- layers: " + ", ".join(f"{n} at {_name(b)}" for b, n in counts.items()),
-                 "- weight elements: " + ", ".join(f"{100 * self.share_at(b):.1f}% at {_name(b)}"
-                                                  for b in dict.fromkeys(b for _, b in self.levels)),
+                 "- weight elements: " + ", ".join(f"{100 * self.share_at(b):.1f}% at {_name(b)}" for b in
+                                                  dict.fromkeys([b for _, b in self.levels] + [None])
+                                                  if self.share_at(b) > 0),
                  "- every layer alike: " + ", ".join(f"{_name(b)} {100 * t:.2f}%" for b, t in self.uniform), "",
                  "| layer | weights | level |", "|---|---:|---|"]
         weights = dict(self.weights)
