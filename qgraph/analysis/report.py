@@ -70,7 +70,7 @@ class Analysis:
     def _points(self) -> list[dict]:
         search, weights = self.search, sum(n for _, n in self.search.weights)
         points = [{"bits": s.weight_bits / weights, "top1": s.top1, "kind": "step"} for s in search.steps]
-        points += [{"bits": weight_bits_of(search, bits) / weights, "top1": top1, "kind": "uniform",
+        points += [{"bits": search.weight_bits_at(bits) / weights, "top1": top1, "kind": "uniform",
                     "label": "float" if bits is None else f"all {bits}-bit"} for bits, top1 in search.uniform]
         points.append({"bits": search.weight_bits / weights, "top1": search.top1, "kind": "chosen", "label": "mix"})
         for key, label in (("fp32", "FP32"), ("config", "config"), ("mixed", "mix")):
@@ -168,12 +168,6 @@ def layer_config_text(config: QuantConfig) -> str:
     return "{\n" + ",\n".join(entries) + "\n}\n" if entries else "{}\n"
 
 
-def weight_bits_of(search: PrecisionSearch, bits) -> int:
-    """Weight bits with every layer the search covered at `bits` (None: float)."""
-    weights, levels = dict(search.weights), {layer: bits for layer, _ in search.levels}
-    return sum(n * (levels.get(layer) or 32) for layer, n in weights.items())
-
-
 def _evaluate_test(analysis, graph, net, quantize, calibration, calib_images, test, batch_size, ctx, progress):
     classes = dataset_info(test.dataset).classes
 
@@ -193,6 +187,8 @@ def _evaluate_test(analysis, graph, net, quantize, calibration, calib_images, te
 
 
 def _histogram_panels(net, calib_images, calibration) -> list[dict]:
+    if not net.input_specs:
+        return []
     histograms = input_histograms(net, calib_images, batch_size=calibration.batch_size)
     surveyed = threshold_survey(net, calib_images, calibration=calibration)
     return [{"layer": s.layer, "counts": histograms[s.layer][0], "edges": histograms[s.layer][1],

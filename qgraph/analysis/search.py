@@ -82,7 +82,11 @@ class PrecisionSearch:
     @property
     def int8_weight_bits(self) -> int:
         """The same model with every layer the search covered at 8 bits."""
-        return _size(dict(self.weights), {layer: 8 for layer, _ in self.levels})
+        return self.weight_bits_at(8)
+
+    def weight_bits_at(self, bits) -> int:
+        """Weight bits with every layer the search covered at `bits` (None: float)."""
+        return _size(dict(self.weights), {layer: bits for layer, _ in self.levels})
 
     def share_at(self, bits) -> float:
         """Fraction of all weight elements at `bits` (None: float, layers left out included)."""
