@@ -2,10 +2,10 @@
 
 Marks the first Convolution (config.exclude_first_conv, as the seed), the last
 FullyConnected (config.exclude_last_fc), every node of an op type in
-config.exclude_ops, and every node named by config.exclude (an exact name, else a
-regular expression matched against the whole name). A name or pattern that matches
-nothing is an error: a typo must not silently quantize a layer the user meant to keep.
-Running it twice changes nothing.
+config.exclude_ops, every node named by config.exclude (an exact name, else a
+regular expression matched against the whole name), and every layer config.layer_overrides
+sets to "float". A name or pattern that matches nothing is an error: a typo must not
+silently quantize a layer the user meant to keep. Running it twice changes nothing.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from qgraph.config import QuantConfig
 from qgraph.errors import ConfigError
 from qgraph.graph import Graph
 from qgraph.pass_manager import PassContext
+from qgraph.quantizer import QUANTIZABLE_OPS
 from qgraph.tags import EXCLUDE_TAG
 
 
@@ -50,4 +51,7 @@ def _find_exclusions(graph: Graph, config: QuantConfig) -> dict[str, str]:
             raise ConfigError(f"exclude {pattern!r} matches no node of the graph")
         for node in matches:
             reasons.setdefault(node, f"matches {pattern!r}")
+    for node, entry in config.overrides_for(graph.nodes(QUANTIZABLE_OPS)).items():
+        if entry.float:
+            reasons.setdefault(node, "layer_overrides: float")
     return reasons

@@ -5,9 +5,10 @@ Weights are quantized per layer, per group (num_group slices) or per output chan
 (for FullyConnected both mean per output unit); inputs signed or unsigned ('auto':
 unsigned only where the producer is provably non-negative), with an online (batch)
 threshold or an offline one stored as the parameter `<layer>_data_threshold`
-(initialised to 0 until calibration). With quantize_bias, a layer's bias becomes an int32
-value at the input step times the weight step. Inserting into a graph that already has
-fake-quant nodes is refused.
+(initialised to 0 until calibration). config.layer_overrides give a layer its own bits,
+granularity or signedness ("float" entries are the `exclude` pass's). With quantize_bias, a
+layer's bias becomes an int32 value at the input step times the weight step. Inserting into
+a graph that already has fake-quant nodes is refused.
 """
 from __future__ import annotations
 
@@ -34,14 +35,18 @@ class InsertFakeQuant:
             raise GraphError(f"the graph already has fake-quant nodes (e.g. '{already[0]}'); "
                              "insert them into the float graph only once")
         non_negative: dict = {}
-        for layer in graph.nodes(QUANTIZABLE_OPS):
-            reason = _skip_reason(graph, layer)
+        layers = graph.nodes(QUANTIZABLE_OPS)
+        overrides = config.overrides_for(layers)
+        for layer in layers:
+            own = overrides[layer].apply(config) if layer in overrides else config
+            reason = _skip_reason(graph, layer) or ("layer_overrides: float" if overrides.get(layer) and
+                                                    overrides[layer].float else None)
             if reason:
                 ctx.report.skipped(self.name, layer, reason)
                 continue
-            described = [_insert_weight(graph, layer, config)]
+            described = [_insert_weight(graph, layer, own)]
             if config.quantize_input:
-                described.append(_insert_input(graph, layer, config, non_negative))
+                described.append(_insert_input(graph, layer, own, non_negative))
                 described += _insert_bias(graph, layer)
             ctx.report.changed(self.name, layer, "; ".join(described))
         return graph

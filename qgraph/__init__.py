@@ -1,9 +1,10 @@
 """qgraph: simulate quantization and run QAT on MXNet Gluon models by rewriting their Symbol graphs.
 
 The core: the graph IR and its files (Graph, load, save, to_block), the pass machinery
-(PassManager and instruments), QuantConfig, and QuantizedNet, the block that runs a
-rewritten graph. The passes themselves, and the pipelines that compose them
-(`passes.quantize`, `passes.fixed_graph`), live in the `passes` package.
+(PassManager and instruments), QuantConfig, QuantizedNet, the block that runs a rewritten
+graph, and the analyses (qgraph.analysis: per-layer sensitivity, the mixed-precision
+search). The passes themselves, and the pipelines that compose them (`passes.quantize`,
+`passes.fixed_graph`), live in the `passes` package.
 
 Only the error types are imported with the package. Everything else needs MXNet, whose
 import takes seconds and turns a process whose DMLC_ROLE is scheduler or server into a
@@ -18,11 +19,12 @@ from .errors import ConfigError, DataError, GraphError, PassError, QGraphError
 __version__ = "0.1.0"
 
 _HOMES = {  # exported name -> the module that defines it
-    "QuantConfig": "config", "Mode": "emit", "Graph": "graph", "NodeBuilder": "graph", "TensorRef": "graph",
+    "QuantConfig": "config", "LayerOverride": "config", "Mode": "emit", "Graph": "graph", "NodeBuilder": "graph", "TensorRef": "graph",
     "from_block": "io", "load": "io", "load_files": "io", "save": "io", "to_block": "io",
     "DumpInstrument": "pass_manager", "Instrument": "pass_manager", "LintInstrument": "pass_manager",
     "PassContext": "pass_manager", "PassManager": "pass_manager", "Report": "pass_manager",
     "TimingInstrument": "pass_manager", "VerifyInstrument": "pass_manager", "QuantizedNet": "runtime",
+    "search_precision": "analysis", "sensitivity": "analysis",
 }
 
 __all__ = ["ConfigError", "DataError", "GraphError", "PassError", "QGraphError", *_HOMES]

@@ -289,3 +289,19 @@ def _warn_negative_unsigned(net, key_of, ranges) -> None:
     if negative:
         log.warning("unsigned input quantization clips negative calibration values to 0 at %d layer(s): %s; "
                     "consider input_signed='auto' or True", len(negative), ", ".join(negative))
+
+
+def input_histograms(net, data, bins: int = 256, batch_size: int = 128, progress: bool = False) -> dict:
+    """layer -> (counts, edges): each quantized input's values on `data`, in `bins` equal bins over
+    their whole range (both signs), for plots; calibration searches its own finer grids."""
+    batches = as_batches(data, batch_size)
+    layers = [s.layer for s in net.input_specs]
+    key_of = {layer: tensor_key(net.float_graph.inputs(layer)[0]) for layer in layers}
+    ranges = _run_taps(net, batches, dict(layers=layers), progress, "histograms: ranges")
+    taps = {}
+    for key in dict.fromkeys(key_of.values()):
+        low, high = float(ranges[f"{key}|min"][0]), float(ranges[f"{key}|max"][0])
+        taps[key] = HistogramTap("x", bins, low, high if high > low else low + 1.0)
+    totals = _run_taps(net, batches, dict(layers=layers, reductions=(), histograms=taps), progress, "histograms")
+    return {layer: (totals[f"{key}|hist"].astype(np.float64), np.linspace(taps[key].low, taps[key].high, bins + 1))
+            for layer, key in key_of.items()}

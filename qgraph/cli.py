@@ -6,12 +6,14 @@ the same in every qgraph tool.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from .calibrate import MODES, Calibration
 from .config import QuantConfig
 from .distributed import KVSTORES
-from .errors import QGraphError
+from .errors import ConfigError, QGraphError
 
 
 def _bool(text: str) -> bool:
@@ -94,6 +96,9 @@ def add_quant_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                        help="keep this node in float: an exact name or a regex matching whole names (repeatable)")
     group.add_argument("--exclude-op", action="append", default=[], metavar="OP",
                        help="keep every node of this op type in float, e.g. FullyConnected (repeatable)")
+    group.add_argument("--layer-config", metavar="FILE.json",
+                       help='per-layer settings: a JSON object from layer name or regex (whole name) to "float" or '
+                            'some of weight_bits, input_bits, quant_type, input_signed; later entries win')
     group.add_argument("--wino_quantize", "--wino-quantize", dest="wino_quantize", choices=("none", "F23", "F43", "F63"),
                        default="none", help="quantize 3x3 stride-1 convolutions in this Winograd tile's domain "
                                             "(default: none)")
@@ -134,7 +139,23 @@ def config_from_args(args) -> QuantConfig:
                        exclude=tuple(args.exclude), exclude_ops=tuple(args.exclude_op),
                        winograd=args.wino_quantize, winograd_mode=args.wino_mode, rounding=args.rounding,
                        winograd_scales=args.wino_scales, learn_thresholds=getattr(args, "learn_thresholds", False),
-                       quantize_bias=args.quantize_bias)
+                       quantize_bias=args.quantize_bias,
+                       layer_overrides=read_layer_config(args.layer_config) if args.layer_config else ())
+
+
+def read_layer_config(path) -> dict:
+    """The JSON object of a --layer-config file; ConfigError naming the file when it is not one."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--layer-config {path}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--layer-config {path}: not JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--layer-config {path}: must hold a JSON object (layer name or regex -> settings)")
+    return value
 
 
 def _floats(text: str) -> tuple:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 from .errors import ConfigError
 
@@ -13,6 +14,56 @@ WINOGRAD_TILES = ("none", "F23", "F43", "F63")
 WINOGRAD_MODES = ("weight", "full")
 WINOGRAD_SCALES = ("channel", "tile")
 ROUNDINGS = ("half_away", "half_even")
+OVERRIDE_FIELDS = ("weight_bits", "input_bits", "quant_type", "input_signed")
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """One entry of QuantConfig.layer_overrides: the layer stays in float (`float`), or the
+    fields given (not None) replace the config's own for it. From JSON: the string "float", or
+    an object with some of weight_bits, input_bits, quant_type, input_signed."""
+
+    weight_bits: int | None = None
+    input_bits: int | None = None
+    quant_type: str | None = None
+    input_signed: object = None
+    float: bool = False
+
+    @classmethod
+    def parse(cls, value, where: str) -> "LayerOverride":
+        """A LayerOverride from itself, "float" or a mapping of its fields; `where` names the entry."""
+        if isinstance(value, LayerOverride):
+            return value
+        if value == "float":
+            return cls(float=True)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: {value!r} must be \"float\" or an object with some of "
+                              f"{', '.join(OVERRIDE_FIELDS)}")
+        unknown = sorted(set(value) - set(OVERRIDE_FIELDS) - {"float"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown field {unknown[0]!r}; known: {', '.join(OVERRIDE_FIELDS)}, float")
+        if not value or (value.get("float") is True and len(value) > 1):
+            raise ConfigError(f"{where}: {dict(value)!r} must set float alone or some of {', '.join(OVERRIDE_FIELDS)}")
+        if "float" in value and not isinstance(value["float"], bool):
+            raise ConfigError(f"{where}.float={value['float']!r}: must be true or false")
+        return cls(**value)
+
+    def merged(self, later: "LayerOverride") -> "LayerOverride":
+        """This entry with a later one's word on top: "float" replaces everything, fields replace fields."""
+        if later.float:
+            return later
+        fields = {name: getattr(later, name) if getattr(later, name) is not None else getattr(self, name)
+                  for name in OVERRIDE_FIELDS}
+        return LayerOverride(**fields)
+
+    def apply(self, config: "QuantConfig") -> "QuantConfig":
+        """`config` as it applies to the layer (validated; no overrides of its own)."""
+        fields = {name: getattr(self, name) for name in OVERRIDE_FIELDS if getattr(self, name) is not None}
+        return config.replace(layer_overrides=(), **fields)
+
+    def to_json(self):
+        """"float" or the fields set, as --layer-config files hold them."""
+        return "float" if self.float else {n: getattr(self, n) for n in OVERRIDE_FIELDS if getattr(self, n) is not None}
 
 
 @dataclass(frozen=True)
@@ -59,6 +110,7 @@ class QuantConfig:
     winograd_scales: str = "channel"
     learn_thresholds: bool = False
     quantize_bias: bool = False
+    layer_overrides: tuple = ()  # ((name or regex, LayerOverride), ...); a mapping is accepted
 
     def __post_init__(self):
         for name in ("weight_bits", "input_bits"):
@@ -102,6 +154,13 @@ class QuantConfig:
         if self.learn_thresholds and (self.online or not self.quantize_input):
             raise ConfigError("QuantConfig.learn_thresholds=True learns offline input thresholds: it needs "
                               "online=False and quantize_input=True")
+        object.__setattr__(self, "layer_overrides", _parse_overrides(self.layer_overrides))
+        for pattern, entry in self.layer_overrides:
+            try:
+                entry.apply(self)  # each field validated as the config's own
+            except ConfigError as err:
+                raise ConfigError(str(err).replace("QuantConfig.", f"QuantConfig.layer_overrides[{pattern!r}].", 1)
+                                  ) from None
 
     def _check_quantize_bias(self) -> None:
         """An int32 bias has the step s_x * s_w: it needs the input's step and a spatial weight step."""
@@ -113,5 +172,44 @@ class QuantConfig:
         if blocker:
             raise ConfigError(f"QuantConfig.quantize_bias=True cannot be combined with {blocker}")
 
+    def overrides_for(self, layers: Sequence[str]) -> dict[str, LayerOverride]:
+        """layer -> the merged override of every entry matching it (an exact name, else a regular
+        expression matching the whole name), for the layers some entry matches. ConfigError
+        naming the pattern when one matches none of `layers`."""
+        found: dict[str, LayerOverride] = {}
+        for pattern, entry in self.layer_overrides:
+            matches = [pattern] if pattern in layers else [n for n in layers if re.fullmatch(pattern, n)]
+            if not matches:
+                raise ConfigError(f"QuantConfig.layer_overrides: {pattern!r} matches no Convolution, Deconvolution "
+                                  "or FullyConnected layer of the graph")
+            for layer in matches:
+                found[layer] = found[layer].merged(entry) if layer in found else entry
+        return found
+
+    def overrides_json(self) -> dict:
+        """layer_overrides as a --layer-config JSON object (pattern -> "float" or fields)."""
+        return {pattern: entry.to_json() for pattern, entry in self.layer_overrides}
+
     def replace(self, **changes) -> "QuantConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _parse_overrides(value) -> tuple:
+    """((pattern, LayerOverride), ...) from a mapping or a sequence of pairs, each checked."""
+    if isinstance(value, Mapping):
+        value = tuple(value.items())
+    if isinstance(value, str) or not isinstance(value, (tuple, list)):
+        raise ConfigError(f"QuantConfig.layer_overrides={value!r}: must be a mapping from layer name or regex "
+                          "to its settings")
+    pairs = []
+    for item in value:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            raise ConfigError(f"QuantConfig.layer_overrides: {item!r} is not a (layer name or regex, settings) pair")
+        pattern = item[0]
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"QuantConfig.layer_overrides: {pattern!r} is not a valid regular expression "
+                              f"({err})") from None
+        pairs.append((pattern, LayerOverride.parse(item[1], f"QuantConfig.layer_overrides[{pattern!r}]")))
+    return tuple(pairs)

@@ -353,6 +353,20 @@ def calibration_subset(dataset: str, data_dir=None, per_class: int = 5, seed: in
     return read_records(path, class_balanced_subset(record_labels(path), per_class, seed), dataset)
 
 
+def holdout_subset(dataset: str, data_dir=None, per_class: int = 100, calib_per_class: int = 5,
+                   seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels): `per_class` images of every class of `dataset`'s training split outside
+    calibration_subset(dataset, data_dir, calib_per_class, seed), chosen with seed + 1 and
+    normalised as the evaluation images are: held-out data for choices (a mixed-precision
+    search, say) that must see neither the calibration images nor the test split."""
+    path = None if dataset == "mnist" else record_file(dataset, data_dir_for(dataset, data_dir), "train")
+    labels = mnist_split()[0][1] if path is None else record_labels(path)
+    rest = np.setdiff1d(np.arange(len(labels)), class_balanced_subset(labels, calib_per_class, seed))
+    chosen = rest[class_balanced_subset(labels[rest], per_class, seed + 1)]
+    images = mnist_split()[0][0][chosen] if path is None else read_records(path, chosen, dataset)
+    return images, labels[chosen]
+
+
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol, Sequence
 
 from . import viz
-from .errors import PassError, QGraphError
+from .errors import ConfigError, PassError, QGraphError
 from .graph import Graph
 
 log = logging.getLogger(__name__)
@@ -134,11 +134,16 @@ def diff_nodes(before: dict, graph: Graph) -> tuple[set, set]:
 
 class DumpInstrument(Instrument):
     """After each pass writes `NN_<pass>.dot` (and .svg/.png when graphviz's `dot` exists)
-    into `folder`, highlighting the nodes the pass inserted or changed."""
+    into `folder`, highlighting the nodes the pass inserted or changed. `detail` 'collapsed'
+    draws each fake-quant subgraph as one node labelled with its spec, 'full' every node;
+    `dump(graph, label)` adds a drawing of a later state (a calibrated graph, say)."""
 
-    def __init__(self, folder, formats: Sequence[str] = ("svg",)):
+    def __init__(self, folder, formats: Sequence[str] = ("svg",), detail: str = "collapsed"):
+        if detail not in viz.DETAILS:
+            raise ConfigError(f"dump detail {detail!r}: must be one of {', '.join(viz.DETAILS)}")
         self.folder = Path(folder)
         self.formats = tuple(formats)
+        self.detail = detail
         self.count = 0
 
     def run_begin(self, graph, ctx):
@@ -152,10 +157,15 @@ class DumpInstrument(Instrument):
         inserted, changed = diff_nodes(self._before, graph)
         self._dump(graph, pass_.name, inserted, changed)
 
-    def _dump(self, graph, label, inserted, changed):
+    def dump(self, graph: Graph, label: str) -> None:
+        """Draw `graph` as the next numbered dump, `NN_<label>`, titled `label`."""
+        self._dump(graph, label, set(), set(), label)
+
+    def _dump(self, graph, label, inserted, changed, title=None):
         stem = self.folder / f"{self.count:02d}_{label}"
-        viz.write(graph, stem, inserted=inserted, changed=changed, formats=self.formats,
-                  title=f"after {label}" if self.count else "input graph")
+        title = title or (f"after {label}" if self.count else "input graph")
+        viz.write(graph, stem, inserted=inserted, changed=changed, formats=self.formats, title=title,
+                  detail=self.detail)
         self.count += 1
 
 

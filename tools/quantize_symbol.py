@@ -53,9 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     diagnostics = parser.add_argument_group("diagnostics")
     diagnostics.add_argument("--dump-graph", metavar="DIR",
                              help="write the graph after each pass as DIR/NN_pass.dot (+ .svg when "
-                                  "graphviz is installed), inserted/changed nodes highlighted")
+                                  "graphviz is installed), inserted/changed nodes highlighted; with --calib-mode "
+                                  "also NN_calibrated, thresholds in the labels")
     diagnostics.add_argument("--dump-format", default="svg",
                              help="comma-separated graphviz formats for --dump-graph (default: svg)")
+    diagnostics.add_argument("--dump-detail", choices=("collapsed", "full"), default="collapsed",
+                             help="collapsed: each fake-quant subgraph as one node labelled with its kind, bits, "
+                                  "granularity, sign and threshold; full: every node (default: collapsed)")
     diagnostics.add_argument("--report", metavar="FILE.json",
                              help="write the input thresholds (layer -> threshold, method, bits, signed) as JSON")
     diagnostics.add_argument("-q", "--quiet", action="store_true", help="print only errors")
@@ -87,8 +91,10 @@ def run(args) -> int:
         graph.input_shapes = guess_input_shapes(graph)
     check_output_prefix(out)
     instruments = [qgraph.TimingInstrument()]
+    dumps = None
     if args.dump_graph:
-        instruments.append(qgraph.DumpInstrument(args.dump_graph, formats=args.dump_format.split(",")))
+        dumps = qgraph.DumpInstrument(args.dump_graph, formats=args.dump_format.split(","), detail=args.dump_detail)
+        instruments.append(dumps)
     result, report = qgraph.PassManager(pipeline, instruments, verify=not args.no_verify).run(graph, config)
     thresholds = None
     if args.calib_mode and fake_quant_specs(result):
@@ -100,6 +106,8 @@ def run(args) -> int:
                                           args.fixed_random_seed)
         thresholds = calibration_from_args(args).run(net, images, progress=not args.quiet)
         written = net.export(out)
+        if dumps is not None:
+            dumps.dump(net.current_graph(), "calibrated")
     else:
         written = qgraph.save(result, out)
     if args.report:

@@ -524,6 +524,9 @@ def check_config(config) -> None:
         raise ConfigError("ncnn quantizes 3x3 convolutions in the spatial domain: drop --wino-quantize")
     if not config.merge_bn:
         raise ConfigError("ncnn runs BatchNorm folded into the layers: set merge_bn")
+    if config.layer_overrides:
+        raise ConfigError("the ncnn writer takes no per-layer settings (QuantConfig.layer_overrides): drop "
+                          "--layer-config")
 
 
 @dataclass

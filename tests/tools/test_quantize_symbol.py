@@ -170,3 +170,47 @@ def test_help_explains_itself():
     assert result.returncode == 0
     for flag in ("--params", "--out", "--passes", "--dump-graph", "--input-shape"):
         assert flag in result.stdout
+
+
+# ---------------------------------------------------------------------- per-layer settings and dumps
+def test_layer_config_gives_layers_their_own_settings(model, tmp_path, capsys):
+    config = tmp_path / "layers.json"
+    config.write_text('{"mnistcnn_conv[12]_fwd": {"weight_bits": 4, "quant_type": "channel"}, '
+                      '"mnistcnn_dense0_fwd": "float"}')
+    rc, out, _ = _run([f"{model}-symbol.json", "--out", tmp_path / "q", "--layer-config", config], capsys)
+    assert rc == 0
+    specs = {(s.layer, s.kind): s for s in qgraph.QuantizedNet.load(tmp_path / "q").weight_specs}
+    assert specs["mnistcnn_conv1_fwd", "weight"].bits == 4 and specs["mnistcnn_conv3_fwd", "weight"].bits == 8
+    assert specs["mnistcnn_conv2_fwd", "weight"].granularity == "channel"
+    assert ("mnistcnn_dense0_fwd", "weight") not in specs and "kept in float: layer_overrides: float" in out
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"nothing_like_this": "float"}', "'nothing_like_this' matches no Convolution"),
+    ('{"mnistcnn_conv1_fwd": {"weight_bits": 1}}', "layer_overrides['mnistcnn_conv1_fwd'].weight_bits=1"),
+    ('["mnistcnn_conv1_fwd"]', "--layer-config"),
+    ("{not json", "not JSON"),
+    (None, "cannot read it"),
+])
+def test_a_bad_layer_config_is_named(model, tmp_path, capsys, content, expected):
+    config = tmp_path / "layers.json"
+    if content is not None:
+        config.write_text(content)
+    rc, _, err = _run([f"{model}-symbol.json", "--out", tmp_path / "q", "--layer-config", config], capsys)
+    assert rc == 2 and expected in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "q-symbol.json").exists()
+
+
+def test_dumps_collapse_fake_quant_subgraphs_and_show_calibrated_thresholds(model, tmp_path, capsys):
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.RandomState(0).randn(8, 1, 28, 28).astype(np.float32))
+    common = [f"{model}-symbol.json", "--calib-mode", "naive", "--calib-data", calib, "--dump-format", "svg", "-q"]
+    assert _run(common + ["--out", tmp_path / "a", "--dump-graph", tmp_path / "d1"], capsys)[0] == 0
+    assert _run(common + ["--out", tmp_path / "b", "--dump-graph", tmp_path / "d2", "--dump-detail", "full"],
+                capsys)[0] == 0
+    collapsed = (tmp_path / "d1" / "03_calibrated.dot").read_text()
+    full = (tmp_path / "d2" / "03_calibrated.dot").read_text()
+    assert '"mnistcnn_conv1_fwd_data_fq" [label="mnistcnn_conv1_fwd_data_fq\\nfake-quant input uint8 per tensor\\nT = ' \
+        in collapsed
+    assert "mnistcnn_conv1_fwd_weight_fq_copy" in full and "mnistcnn_conv1_fwd_weight_fq_copy" not in collapsed
+    assert collapsed.count("[label=") * 3 < full.count("[label=")
