@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import recovery
 from .calibrate import MODES, Calibration
 from .config import QuantConfig
 from .errors import QGraphError
@@ -99,6 +100,9 @@ def add_quant_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group.add_argument("--rounding", choices=("half_away", "half_even"), default="half_away",
                        help="how quantizers round ties: half away from zero (MXNet, ncnn) or half to even (ONNX "
                             "Runtime, oneDNN) (default: half_away)")
+    group.add_argument("--equalize", action="store_true",
+                       help="cross-layer equalization with bias absorption (DFQ) after BatchNorm folding; "
+                            "needs --merge-bn")
     group.add_argument("--wino-mode", choices=("weight", "full"), default="weight",
                        help="weight: weights quantized in the Winograd domain, then a direct convolution (the "
                             "seed); full: the Winograd kernel, input tiles quantized too (default: weight)")
@@ -112,7 +116,8 @@ def config_from_args(args) -> QuantConfig:
                        online_stat=args.online_stat, merge_bn=args.merge_bn,
                        exclude_first_conv=args.exclude_first_conv, exclude_last_fc=args.exclude_last_fc,
                        exclude=tuple(args.exclude), exclude_ops=tuple(args.exclude_op),
-                       winograd=args.wino_quantize, winograd_mode=args.wino_mode, rounding=args.rounding)
+                       winograd=args.wino_quantize, winograd_mode=args.wino_mode, rounding=args.rounding,
+                       equalize=args.equalize)
 
 
 def _floats(text: str) -> tuple:
@@ -127,7 +132,8 @@ def add_calib_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("calibration (offline input thresholds)")
     group.add_argument("--calib-mode", choices=MODES, default=None,
                        help="naive: EMA of batch maxima (the seed); kl: the seed's KL search; entropy: MXNet's "
-                            "KL variant; percentile; mse. Implies --quantize-input-offline")
+                            "KL variant; percentile; mse; best: per layer, whichever of naive, entropy, "
+                            "percentile and mse gives the least output error. Implies --quantize-input-offline")
     group.add_argument("--calib-epoch", type=int, default=3, help="passes over the data for naive (default: 3)")
     group.add_argument("--calib-data", metavar="PATH",
                        help="calibration images: a RecordIO .rec, a folder of images, or an .npy/.npz array")
@@ -147,6 +153,27 @@ def calibration_from_args(args, mode: str | None = None) -> Calibration:
     """The Calibration the calibration flags describe (`mode` overrides --calib-mode)."""
     batch_size = args.calib_batch_size or getattr(args, "batch_size", None) or 128
     return Calibration(mode or args.calib_mode or "naive", args.calib_epoch, batch_size, args.percentile)
+
+
+def add_recovery_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The post-training recovery flags (run on the calibration images, after calibration)."""
+    group = parser.add_argument_group("post-training recovery (after calibration, on the calibration images)")
+    group.add_argument("--adaround", action="store_true",
+                       help="learn each quantized weight's rounding, layer by layer (AdaRound); needs --merge-bn")
+    group.add_argument("--adaround-iterations", type=positive_int, default=recovery.ITERATIONS, metavar="N",
+                       help=f"AdaRound iterations per layer (default: {recovery.ITERATIONS})")
+    group.add_argument("--adaround-images", type=positive_int, default=None, metavar="N",
+                       help="AdaRound on at most N of the calibration images (default: all)")
+    group.add_argument("--bias-correction", action="store_true",
+                       help="empirical bias correction, layer by layer (after AdaRound when both are given)")
+    return group
+
+
+def recovery_from_args(args) -> recovery.Recovery:
+    """The Recovery the recovery flags describe (seeded with --fixed-random-seed when present)."""
+    return recovery.Recovery(adaround=args.adaround, iterations=args.adaround_iterations,
+                             images=args.adaround_images, seed=getattr(args, "fixed_random_seed", 0),
+                             bias_correction=args.bias_correction)
 
 
 def run_reporting_errors(prog: str, run, args) -> int:

@@ -27,7 +27,9 @@ class QuantConfig:
     the tile F23/F43/F63 in which 3x3 stride-1 convolutions are quantized; winograd_mode:
     'weight' (the seed: weights quantized in the Winograd domain, then a direct convolution)
     or 'full' (the Winograd kernel itself, input tiles quantized too). fake_bn: for QAT,
-    quantize convolution weights folded with their BatchNorm (passes/fake_bn.py).
+    quantize convolution weights folded with their BatchNorm (passes/fake_bn.py). equalize:
+    cross-layer equalization with bias absorption (passes/equalize.py, DFQ) after BatchNorm
+    folding, which it requires (merge_bn).
     """
 
     weight_bits: int = 8
@@ -46,6 +48,7 @@ class QuantConfig:
     winograd_mode: str = "weight"
     fake_bn: bool = False
     rounding: str = "half_away"
+    equalize: bool = False
 
     def __post_init__(self):
         for name in ("weight_bits", "input_bits"):
@@ -65,9 +68,13 @@ class QuantConfig:
         if self.winograd_mode not in WINOGRAD_MODES:
             raise ConfigError(f"QuantConfig.winograd_mode={self.winograd_mode!r}: must be one of "
                               f"{', '.join(WINOGRAD_MODES)}")
-        for name in ("quantize_input", "online", "merge_bn", "exclude_first_conv", "exclude_last_fc", "fake_bn"):
+        for name in ("quantize_input", "online", "merge_bn", "exclude_first_conv", "exclude_last_fc", "fake_bn",
+                     "equalize"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"QuantConfig.{name}={getattr(self, name)!r}: must be True or False")
+        if self.equalize and not self.merge_bn:
+            raise ConfigError("QuantConfig.equalize=True requires merge_bn=True: cross-layer equalization balances "
+                              "the weights BatchNorm is folded into (--equalize needs --merge-bn)")
         for name in ("exclude", "exclude_ops"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):

@@ -6,7 +6,10 @@ Arithmetic (DESIGN.md, "Quantizer arithmetic"):
   inputs, threshold T:  unsigned s = T / (2^b-1), clip to [0, T];
       signed s = T / (2^(b-1)-1), clip to [-T, T];  Q(x) = round(clip(x) / s) * s
 `round` is half away from zero (MXNet's `round`, as ncnn) or half to even (ONNX Runtime),
-as the spec's `rounding` says; every form rounds the same way. A zero scale is raised to
+as the spec's `rounding` says; every form rounds the same way. A weight spec with `offsets`
+(AdaRound's result, qgraph/recovery/adaround.py) rounds each weight as a stored decision
+instead: the parameter `offsets` holds R in {0, 1} per weight and Q(W) = clip(floor(W / s) + R,
+-L, L) * s, in every form (training, evaluation, fixed), so the integers are the learned ones. A zero scale is raised to
 1e-30, so an all-zero group or input quantizes to exactly zero instead of NaN.
 
 Training form ("ste"): out = BlockGrad(Q) + (c - BlockGrad(c)) with c the clipped
@@ -77,6 +80,7 @@ class FakeQuantSpec:
     threshold: str = ""
     winograd: str = ""
     rounding: str = "half_away"
+    offsets: str = ""      # weights: the parameter of learned rounding decisions (AdaRound), if any
 
     @property
     def id(self) -> str:
@@ -139,8 +143,9 @@ def add_weight_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True) -
     grouped = node("Reshape", "grouped", [source], shape=spec.reshape)
     magnitude = node("max", "absmax", [node("abs", "abs", [grouped])], axis=spec.axes, keepdims=True)
     scale = _scale(node, magnitude, levels)
-    integers = node("clip", "int", [_round(node, node("broadcast_div", "div", [grouped, scale]), spec.rounding, False)],
-                    a_min=float(-levels), a_max=float(levels))
+    scaled = node("broadcast_div", "div", [grouped, scale])
+    rounded = _learned_round(graph, node, spec, scaled) if spec.offsets else _round(node, scaled, spec.rounding, False)
+    integers = node("clip", "int", [rounded], a_min=float(-levels), a_max=float(levels))
     dequantized = node("broadcast_mul", "mul", [integers, scale])
     if spec.winograd:
         dequantized = winograd.project_weight(node, dequantized, spec.winograd)
@@ -149,6 +154,16 @@ def add_weight_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True) -
     exit_ref = _straight_through(node, weight, quantized, ste)
     graph.set_input(target, slot, exit_ref)
     return _tag_exit(graph, exit_ref, spec)
+
+
+def _learned_round(graph: Graph, node: NodeBuilder, spec: FakeQuantSpec, scaled: TensorRef) -> TensorRef:
+    """floor(W / s) + R with R the stored decisions (`spec.offsets`, in the weight's shape)."""
+    if not graph.is_param(spec.offsets):
+        raise GraphError(f"{spec.id}: rounding parameter '{spec.offsets}' has no value")
+    if spec.winograd:
+        raise GraphError(f"{spec.id}: learned rounding of Winograd-domain weights is not supported")
+    offsets = node("Reshape", "offsets", [TensorRef(spec.offsets)], shape=spec.reshape)
+    return node("elemwise_add", "round", [node("floor", "floor", [scaled]), offsets])
 
 
 def add_fixed_weight(graph: Graph, spec: FakeQuantSpec, name: str) -> str:
@@ -416,7 +431,8 @@ def strip_fake_quant(graph: Graph, kinds=("weight", "input"), layers=None) -> Gr
         if spec.kind not in kinds or (layers is not None and spec.layer not in layers):
             continue
         group = members.get(spec.id, set())
-        sources = {ref for n in group for ref in graph.inputs(n) if ref.node not in group and ref.node != spec.threshold}
+        sources = {ref for n in group for ref in graph.inputs(n)
+                   if ref.node not in group and ref.node not in (spec.threshold, spec.offsets)}
         if len(sources) != 1:
             raise GraphError(f"fake-quant subgraph '{spec.id}' reads {sorted(sources)}; expected one tensor")
         graph.replace_all_uses(TensorRef(exit_node), sources.pop())

@@ -39,8 +39,9 @@ from tqdm import tqdm  # noqa: E402
 import passes  # noqa: E402
 import qgraph  # noqa: E402
 from qgraph import data  # noqa: E402
-from qgraph.cli import (add_calib_args, add_model_file_args, add_quant_args, calibration_from_args,  # noqa: E402
-                        config_from_args, positive_int, run_reporting_errors, shape_arg)
+from qgraph.cli import (add_calib_args, add_model_file_args, add_quant_args, add_recovery_args,  # noqa: E402
+                        calibration_from_args, config_from_args, positive_int, recovery_from_args,
+                        run_reporting_errors, shape_arg)
 from qgraph.deploy import ncnn as deploy  # noqa: E402
 from qgraph.io import (check_output_prefix, guess_input_shapes, model_files, model_prefix,  # noqa: E402
                        write_files_atomic)
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.description = ("ncnn's int8 is fixed: 8-bit signed inputs, 8-bit weights per output channel (or "
                          "one scale per layer). BatchNorm is always folded.")
     add_calib_args(parser)
+    add_recovery_args(parser)
     parser.set_defaults(quant_type="channel", input_signed=True, merge_bn=True, exclude_first_conv=False,
                         calib_mode="entropy")
     check = parser.add_argument_group("verification with the ncnn runtime")
@@ -98,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> int:
     config = config_from_args(args).replace(merge_bn=True, online=False)
+    if args.no_int8 and recovery_from_args(args).active:
+        raise qgraph.ConfigError("--adaround and --bias-correction change the int8 model: drop --no-int8")
     if not args.no_int8:
         deploy.check_config(config)
     symbol_path, params_path = model_files(args.symbol, args.params)
@@ -125,7 +129,9 @@ def run(args) -> int:
     else:
         net = passes.quantize(graph, config)
         report = net.report
-        calibration_from_args(args).run(net, calibration_images(args, shape, data_dir), progress=not args.quiet)
+        images = calibration_images(args, shape, data_dir)
+        calibration_from_args(args).run(net, images, progress=not args.quiet)
+        recovery_from_args(args).run(net, images, progress=not args.quiet)
         export = deploy.export_int8(net, shape)
         folded, files = export.folded, export.files(out)
         floats = sorted(n for n in folded.nodes(("Convolution", "FullyConnected")) if n not in net.thresholds())

@@ -21,14 +21,6 @@ sys.path.insert(0, str(ROOT / "tools"))
 import export_ncnn  # noqa: E402
 
 
-@pytest.fixture
-def mnist_files(tmp_path):
-    (x_train, y_train), (x_test, y_test) = mnist_split()
-    np.save(tmp_path / "calib.npy", x_train[:200])
-    np.savez(tmp_path / "test.npz", data=x_test[:200], label=y_test[:200])
-    return tmp_path / "calib.npy", tmp_path / "test.npz"
-
-
 def _digest(folder: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
