@@ -5,7 +5,7 @@ setup(
     name="qgraph",
     version="0.1.0",
     description="Quantization simulation and QAT for MXNet Gluon models by rewriting Symbol graphs",
-    packages=["qgraph", "passes"],
+    packages=["qgraph", "qgraph.deploy", "qgraph.recovery", "passes"],
     python_requires=">=3.10",
     install_requires=["mxnet>=1.9,<2", "numpy<1.24", "networkx>=3"],
 )

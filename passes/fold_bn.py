@@ -5,14 +5,18 @@ becomes W * s per output channel and its bias (b - running_mean) * s + beta, com
 float64 and stored in the weight's dtype (qgraph.folding). Inference statistics only: this
 is the deploy-time fold, not QAT's fake BatchNorm. A fake-BN layer (passes/fake_bn.py),
 whose weight is already folded and then unfolded, conv(x, F / s) with F = W * s (or
-Q(W * s)), gets F back as its weight, unchanged. Folding twice is a no-op.
+Q(W * s)), gets F back as its weight, unchanged. Folding twice is a no-op. With
+config.equalize, each folded layer also records the BatchNorm's output mean and standard deviation
+(qgraph.folding.output_statistics) for equalize's bias absorption.
 """
 from __future__ import annotations
 
 from qgraph import attrs as A
-from qgraph.folding import FOLDABLE_OPS, NO_BIAS_DEFAULT, bn_fold_blocker, bn_scale_shift, fake_bn_fold, scaled_weight
+from qgraph.folding import (FOLDABLE_OPS, NO_BIAS_DEFAULT, bn_fold_blocker, bn_scale_shift, fake_bn_fold,
+                            format_statistics, output_statistics, scaled_weight)
 from qgraph.graph import Graph, TensorRef
 from qgraph.pass_manager import PassContext
+from qgraph.tags import BN_STATS_TAG
 
 
 class FoldBN:
@@ -25,6 +29,8 @@ class FoldBN:
             if reason:
                 ctx.report.skipped(self.name, bn, reason)
                 continue
+            if getattr(ctx.config, "equalize", False):
+                graph.set_attr(layer, BN_STATS_TAG, format_statistics(*output_statistics(graph, bn)))
             _rewrite_pair(graph, layer, bn)
             ctx.report.changed(self.name, layer, f"folded {bn}")
         graph.cleanup()

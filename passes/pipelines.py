@@ -8,7 +8,7 @@ from qgraph.errors import ConfigError
 from qgraph.graph import Graph
 from qgraph.io import load
 from qgraph.pass_manager import PassManager
-from qgraph.runtime import QuantizedNet, add_threshold_params
+from qgraph.runtime import QuantizedNet, add_rounding_params, add_threshold_params
 
 from .fix_weights import FixWeights
 from .fold_bn import FoldBN
@@ -37,6 +37,7 @@ def fixed_graph(net: QuantizedNet) -> Graph:
     current = net.current_float_graph()
     folded, _ = PassManager([FoldBN()]).run(current)  # drops the threshold parameters nothing reads yet
     add_threshold_params(folded, net.input_specs, current.params)
+    add_rounding_params(folded, net.weight_specs, current.params)  # AdaRound's decisions, used as they are
     mode = Mode(weights=True, inputs=net.mode.inputs, online=net.mode.inputs and net.mode.online)
     emission = emit(folded, net.weight_specs, net.input_specs, mode)
     graph = emission.graph.set_outputs(emission.graph.outputs[:emission.model_outputs]).cleanup()

@@ -7,6 +7,7 @@ from types import MappingProxyType
 from qgraph.config import QuantConfig
 from qgraph.errors import ConfigError
 
+from .equalize import Equalize
 from .exclude import Exclude
 from .fake_bn import FakeBN
 from .fix_weights import FixWeights
@@ -16,7 +17,7 @@ from .insert_observers import InsertObservers
 from .lower_winograd_kernel import LowerWinogradKernel
 from .quantize_winograd_weights import QuantizeWinogradWeights
 
-PASSES = MappingProxyType({cls.name: cls for cls in (FoldBN, Exclude, FakeBN, InsertFakeQuant, InsertObservers,
+PASSES = MappingProxyType({cls.name: cls for cls in (FoldBN, Equalize, Exclude, FakeBN, InsertFakeQuant, InsertObservers,
                                                      QuantizeWinogradWeights, LowerWinogradKernel, FixWeights)})
 
 
@@ -36,9 +37,11 @@ def build_pipeline(names) -> list:
 
 
 def default_pipeline(config: QuantConfig) -> list:
-    """The passes a QuantConfig asks for: fold_bn when merge_bn, then exclude, fake_bn when asked
-    for, insert_fake_quant, then the Winograd rewrite of `winograd_mode` when a tile is set."""
-    names = (["fold_bn"] if config.merge_bn else []) + ["exclude"] + (["fake_bn"] if config.fake_bn else [])
+    """The passes a QuantConfig asks for: fold_bn when merge_bn, equalize when asked for, then
+    exclude, fake_bn when asked for, insert_fake_quant, then the Winograd rewrite of
+    `winograd_mode` when a tile is set."""
+    names = (["fold_bn"] if config.merge_bn else []) + (["equalize"] if config.equalize else [])
+    names += ["exclude"] + (["fake_bn"] if config.fake_bn else [])
     names += ["insert_fake_quant"]
     if config.winograd != "none":
         names += ["quantize_winograd_weights" if config.winograd_mode == "weight" else "lower_winograd_kernel"]

@@ -7,7 +7,10 @@ taps (qgraph/taps.py): the first batch fixes a fine histogram grid per
 tensor, and the whole set fills it (see _one_pass_histograms); a tensor that outgrows
 its grid gets an exact second pass. entropy follows MXNet: the whole-set range first,
 then an 8001-bin symmetric histogram over it. Thresholds are searched with
-qgraph.observers. Afterwards the net quantizes inputs offline.
+qgraph.observers. best: every other method but kl runs (naive, entropy, percentile, mse) and
+each quantized input keeps the candidate threshold that gives the least squared error of its
+layer's output (input and weight quantized, against the float layer on the float input) over
+the calibration data (see _best_thresholds). Afterwards the net quantizes inputs offline.
 """
 from __future__ import annotations
 
@@ -23,12 +26,15 @@ from tqdm import tqdm
 
 from . import observers
 from .errors import ConfigError, DataError, QGraphError
+from .graph import TensorRef
 from .io import to_block
+from .quantizer import add_input_fake_quant, add_weight_fake_quant
 from .taps import HistogramTap, add_taps, observed_tensors, tap_kind, tensor_key
 
 log = logging.getLogger(__name__)
 
-MODES = ("naive", "kl", "entropy", "percentile", "mse")
+MODES = ("naive", "kl", "entropy", "percentile", "mse", "best")
+BEST_CANDIDATES = ("naive", "entropy", "percentile", "mse")   # kl is left out: it can clip nearly all
 KL_BINS = 2048
 ENTROPY_BINS = 8001
 FINE_BINS = 64      # one-pass histograms: fine bins per KL bin at the first batch's range
@@ -61,10 +67,10 @@ class Calibration:
                          percentile=self.percentile, progress=progress, after_epoch=after_epoch)
 
 
-def as_batches(data, batch_size: int = 128, num_batches: int | None = None) -> list:
+def as_batches(data, batch_size: int = 128, num_batches: int | None = None, purpose: str | None = None) -> list:
     """Calibration data as a list of NDArray batches, checked to be non-empty and finite.
     Accepts a numpy array or NDArray (split into batches), a list of them, (data, label)
-    pairs, a gluon DataLoader or an mx.io.DataIter."""
+    pairs, a gluon DataLoader or an mx.io.DataIter. `purpose` (a method's name) prefixes errors."""
     if isinstance(data, (np.ndarray, mx.nd.NDArray)):
         data = [data[i:i + batch_size] for i in range(0, len(data), batch_size)]
     elif isinstance(data, mx.io.DataIter):
@@ -80,12 +86,13 @@ def as_batches(data, batch_size: int = 128, num_batches: int | None = None) -> l
         if array.size == 0:
             continue
         if not np.isfinite(array).all():
-            raise DataError(f"calibration batch {len(batches)} contains NaN or Inf values")
+            raise DataError(f"{purpose + ': ' if purpose else ''}calibration batch {len(batches)} contains NaN or "
+                            "Inf values")
         batches.append(mx.nd.array(array, dtype=np.float32))
         if num_batches is not None and len(batches) >= num_batches:
             break
     if not batches:
-        raise DataError("the calibration set is empty")
+        raise DataError(f"{purpose + ': ' if purpose else ''}the calibration set is empty (data gave no images)")
     return batches
 
 
@@ -102,8 +109,12 @@ def calibrate(net, data, mode: str = "naive", calib_epoch: int = 3, num_batches:
     if not net.input_specs:
         raise ConfigError("the net quantizes no inputs, so there is nothing to calibrate")
     batches = as_batches(data, batch_size, num_batches)
+    methods = None
     if mode == "naive":
         _calibrate_naive(net, batches, calib_epoch, momentum, progress, after_epoch)
+    elif mode == "best":
+        chosen, methods = _best_thresholds(net, batches, calib_epoch, momentum, percentile, progress)
+        net.set_thresholds(chosen)
     else:
         net.set_thresholds(_histogram_thresholds(net, batches, mode, percentile, progress))
     thresholds = net.thresholds()
@@ -112,7 +123,8 @@ def calibrate(net, data, mode: str = "naive", calib_epoch: int = 3, num_batches:
         raise QGraphError(f"calibration gave a non-finite threshold for {bad[:3]}: do its activations overflow?")
     net.quantize_input(enable=True, online=False)
     by_layer = {s.layer: s for s in net.input_specs}
-    return {layer: {"threshold": t, "method": mode, "bits": by_layer[layer].bits, "signed": by_layer[layer].signed}
+    return {layer: {"threshold": t, "method": f"best ({methods[layer]})" if methods else mode,
+                    "bits": by_layer[layer].bits, "signed": by_layer[layer].signed}
             for layer, t in thresholds.items()}
 
 
@@ -282,6 +294,53 @@ def _histogram_thresholds(net, batches, mode, percentile, progress) -> dict:
         found = pool.map(lambda job: job[0](*job[1:]), searches.values())
         thresholds.update(zip(searches, found))
     return thresholds
+
+
+def _best_thresholds(net, batches, calib_epoch, momentum, percentile, progress) -> tuple[dict, dict]:
+    """({layer: threshold}, {layer: the method it came from}): per quantized input, the candidate of
+    BEST_CANDIDATES whose quantization gives the least squared error of the layer's output."""
+    _calibrate_naive(net, batches, calib_epoch, momentum, progress, None)
+    candidates = {"naive": net.thresholds()}
+    for method in BEST_CANDIDATES[1:]:
+        candidates[method] = _histogram_thresholds(net, batches, method, percentile, progress)
+    graph = net.float_graph.copy()
+    trials = _add_output_errors(graph, net, candidates)
+    runner = to_block(graph.cleanup(), params=net.collect_params())
+    n_model = len(net.float_graph.outputs)
+    errors = np.zeros(len(trials))
+    for batch in _bar(batches, progress, "calibrate: output errors"):
+        outputs = runner(batch)[n_model:]
+        errors += mx.nd.concat(*outputs, dim=0).asnumpy().astype(np.float64)
+    chosen, methods = {}, {}
+    for (layer, method), error in sorted(zip(trials, errors), key=lambda item: item[1]):
+        if layer not in chosen:  # ascending errors: the first trial of a layer is its best
+            chosen[layer], methods[layer] = candidates[method][layer], method
+    return chosen, methods
+
+
+def _add_output_errors(graph, net, candidates: dict) -> list[tuple[str, str]]:
+    """Append to `graph` the squared error of each quantized layer's output with each candidate
+    threshold (a copy of the layer reading Q_T(x) and Q(W)); returns the (layer, method) of each
+    output. Candidates that agree on a layer's threshold are tried once (the first listed)."""
+    weights = {s.layer: s for s in net.weight_specs} if net.mode.weights else {}
+    trials = []
+    for spec in net.input_specs:
+        layer, tried = spec.layer, set()
+        for method, thresholds in candidates.items():
+            value = float(thresholds[spec.layer])
+            if value in tried:
+                continue
+            tried.add(value)
+            twin = graph.add_node(graph.op(layer), f"{layer}_{method}_trial", graph.inputs(layer), graph.attrs(layer))
+            add_input_fake_quant(graph, dataclasses.replace(spec, layer=twin, online=False), ste=False,
+                                 threshold_value=value)
+            if layer in weights:
+                add_weight_fake_quant(graph, dataclasses.replace(weights[layer], layer=twin), ste=False)
+            node = graph.builder(f"{twin}_error")
+            squared = node("square", "square", [node("elemwise_sub", "diff", [TensorRef(twin), TensorRef(layer)])])
+            graph.add_output(node("sum", "sum", [squared]))
+            trials.append((layer, method))
+    return trials
 
 
 def _warn_negative_unsigned(net, key_of, ranges) -> None:

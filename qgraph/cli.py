@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import recovery
 from .calibrate import MODES, Calibration
 from .config import QuantConfig
 from .distributed import KVSTORES
@@ -111,6 +112,9 @@ def add_quant_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group.add_argument("--quantize-bias", action="store_true",
                        help="make each quantized layer's bias the int32 value at input step x weight step, as "
                             "ONNX Runtime's and oneDNN's int8 kernels add it (default: float bias)")
+    group.add_argument("--equalize", action="store_true",
+                       help="cross-layer equalization with bias absorption (DFQ) after BatchNorm folding; "
+                            "needs --merge-bn")
     group.add_argument("--wino-mode", choices=("weight", "full"), default="weight",
                        help="weight: weights quantized in the Winograd domain, then a direct convolution (the "
                             "seed); full: the Winograd kernel, input tiles quantized too (default: weight)")
@@ -140,7 +144,8 @@ def config_from_args(args) -> QuantConfig:
                        winograd=args.wino_quantize, winograd_mode=args.wino_mode, rounding=args.rounding,
                        winograd_scales=args.wino_scales, learn_thresholds=getattr(args, "learn_thresholds", False),
                        quantize_bias=args.quantize_bias,
-                       layer_overrides=read_layer_config(args.layer_config) if args.layer_config else ())
+                       layer_overrides=read_layer_config(args.layer_config) if args.layer_config else (),
+                       equalize=args.equalize)
 
 
 def read_layer_config(path) -> dict:
@@ -170,7 +175,8 @@ def add_calib_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("calibration (offline input thresholds)")
     group.add_argument("--calib-mode", choices=MODES, default=None,
                        help="naive: EMA of batch maxima (the seed); kl: the seed's KL search; entropy: MXNet's "
-                            "KL variant; percentile; mse. Implies --quantize-input-offline")
+                            "KL variant; percentile; mse; best: per layer, whichever of naive, entropy, "
+                            "percentile and mse gives the least output error. Implies --quantize-input-offline")
     group.add_argument("--calib-epoch", type=int, default=3, help="passes over the data for naive (default: 3)")
     group.add_argument("--calib-data", metavar="PATH",
                        help="calibration images: a RecordIO .rec, a folder of images, or an .npy/.npz array")
@@ -190,6 +196,27 @@ def calibration_from_args(args, mode: str | None = None) -> Calibration:
     """The Calibration the calibration flags describe (`mode` overrides --calib-mode)."""
     batch_size = args.calib_batch_size or getattr(args, "batch_size", None) or 128
     return Calibration(mode or args.calib_mode or "naive", args.calib_epoch, batch_size, args.percentile)
+
+
+def add_recovery_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The post-training recovery flags (run on the calibration images, after calibration)."""
+    group = parser.add_argument_group("post-training recovery (after calibration, on the calibration images)")
+    group.add_argument("--adaround", action="store_true",
+                       help="learn each quantized weight's rounding, layer by layer (AdaRound); needs --merge-bn")
+    group.add_argument("--adaround-iterations", type=positive_int, default=recovery.ITERATIONS, metavar="N",
+                       help=f"AdaRound iterations per layer (default: {recovery.ITERATIONS})")
+    group.add_argument("--adaround-images", type=positive_int, default=None, metavar="N",
+                       help="AdaRound on at most N of the calibration images (default: all)")
+    group.add_argument("--bias-correction", action="store_true",
+                       help="empirical bias correction, layer by layer (after AdaRound when both are given)")
+    return group
+
+
+def recovery_from_args(args) -> recovery.Recovery:
+    """The Recovery the recovery flags describe (seeded with --fixed-random-seed when present)."""
+    return recovery.Recovery(adaround=args.adaround, iterations=args.adaround_iterations,
+                             images=args.adaround_images, seed=getattr(args, "fixed_random_seed", 0),
+                             bias_correction=args.bias_correction)
 
 
 def run_reporting_errors(prog: str, run, args) -> int:

@@ -88,7 +88,9 @@ class QuantConfig:
     'half_even' (ONNX QuantizeLinear, oneDNN reorders). quantize_bias: each quantized layer's
     bias becomes the int32 value round(b / (s_x * s_w)) * s_x * s_w (per output channel, with
     `rounding`), the bias ONNX Runtime's QLinearConv/QGemm and oneDNN's int8 convolutions add;
-    it needs quantized inputs, and neither Winograd-domain weights nor fake BatchNorm.
+    it needs quantized inputs, and neither Winograd-domain weights nor fake BatchNorm. equalize: cross-layer
+    equalization with bias absorption (passes/equalize.py, DFQ) after BatchNorm folding, which
+    it requires (merge_bn).
     """
 
     weight_bits: int = 8
@@ -111,6 +113,7 @@ class QuantConfig:
     learn_thresholds: bool = False
     quantize_bias: bool = False
     layer_overrides: tuple = ()  # ((name or regex, LayerOverride), ...); a mapping is accepted
+    equalize: bool = False
 
     def __post_init__(self):
         for name in ("weight_bits", "input_bits"):
@@ -137,10 +140,13 @@ class QuantConfig:
             raise ConfigError("QuantConfig.winograd_scales='tile' quantizes a Winograd kernel's tiles: it needs "
                               "winograd set to F23, F43 or F63 and winograd_mode='full'")
         for name in ("quantize_input", "online", "merge_bn", "exclude_first_conv", "exclude_last_fc", "fake_bn",
-                     "learn_thresholds", "quantize_bias"):
+                     "learn_thresholds", "quantize_bias", "equalize"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"QuantConfig.{name}={getattr(self, name)!r}: must be True or False")
         self._check_quantize_bias()
+        if self.equalize and not self.merge_bn:
+            raise ConfigError("QuantConfig.equalize=True requires merge_bn=True: cross-layer equalization balances "
+                              "the weights BatchNorm is folded into (--equalize needs --merge-bn)")
         for name in ("exclude", "exclude_ops"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):

@@ -1,5 +1,6 @@
 """The seed's experiments: one simulated evaluation of a QuantConfig, and its results grids
-(`int8`: the README table; `lowbit`: naive against KL at 6..3 bits), with their markdown tables.
+(`int8`: the README table; `lowbit`: naive against KL, and against `best`, at 6..3 bits), with their
+markdown tables.
 
 A grid evaluates FP32 once and builds each graph variant once: rows that differ only in how
 input thresholds are set share one QuantizedNet. Building a net runs the pass pipeline, which
@@ -18,6 +19,7 @@ from .data import EvalSet, dataset_info
 from .evaluate import Accuracy, accuracy
 from .graph import Graph
 from .io import to_block
+from .recovery import Recovery
 from .runtime import QuantizedNet
 
 Quantize = Callable[..., QuantizedNet]   # passes.quantize(graph, config, ctx=...)
@@ -34,19 +36,23 @@ def evaluate_set(block, evalset: EvalSet, batch_size: int, ctx=None, desc: str =
 
 @dataclass(frozen=True)
 class SimulationResult:
-    """One simulated evaluation: the net, its accuracy, and with --eval-per-calib the accuracy
-    after each naive calibration epoch (or after the one calibration of other modes)."""
+    """One simulated evaluation: the net, its accuracy, with --eval-per-calib the accuracy
+    after each naive calibration epoch (or after the one calibration of other modes), and what
+    the recovery methods did (qgraph.recovery.Recovery.run)."""
 
     net: QuantizedNet
     accuracy: Accuracy
     per_calibration: tuple = ()
+    recovery: dict | None = None
 
 
 def simulate(graph: Graph, config: QuantConfig, evalset: EvalSet, quantize: Quantize,
              calibration: Calibration | None = None, calib_images=None, batch_size: int = 128,
-             eval_per_calib: bool = False, ctx=None, progress: bool = False) -> SimulationResult:
+             eval_per_calib: bool = False, ctx=None, progress: bool = False,
+             recovery: Recovery | None = None) -> SimulationResult:
     """Quantize `graph` as `config` says, calibrate offline thresholds when `calibration` is
-    given (on `calib_images`), and evaluate on `evalset`."""
+    given (on `calib_images`), run the `recovery` methods (on the same images), and evaluate
+    on `evalset`."""
     net = quantize(graph, config, ctx=ctx)
     per_calib = []
 
@@ -59,15 +65,17 @@ def simulate(graph: Graph, config: QuantConfig, evalset: EvalSet, quantize: Quan
         calibration.run(net, calib_images, progress, after_epoch=evaluate_now if naive_epochs else None)
         if eval_per_calib and not naive_epochs:
             evaluate_now()
-    result = per_calib[-1] if per_calib else evaluate_set(net, evalset, batch_size, ctx, "eval", progress)
-    return SimulationResult(net, result, tuple(per_calib))
+    recovered = recovery.run(net, calib_images, progress) if recovery is not None and recovery.active else None
+    result = per_calib[-1] if per_calib and not recovered else evaluate_set(net, evalset, batch_size, ctx, "eval",
+                                                                            progress)
+    return SimulationResult(net, result, tuple(per_calib), recovered)
 
 
 # ---------------------------------------------------------------------- the seed's tables
 @dataclass(frozen=True)
 class Row:
     signed: bool
-    offline: str | None       # None (online), "naive" or "kl"
+    offline: str | None       # None (online), "naive", "kl" or "best"
     quant_type: str
     merge_bn: bool
     exclude_first_conv: bool
@@ -99,9 +107,13 @@ def int8_rows(weight_bits: int = 8, input_bits: int = 8) -> list[Row]:
     return rows
 
 
+LOWBIT_MODES = ("naive", "kl", "best")
+
+
 def lowbit_rows() -> list[Row]:
-    """The seed's naive-vs-KL comparison: uint inputs, per-channel weights, BN merged, first conv excluded."""
-    return [Row(False, mode, "channel", True, True, bits, bits) for bits in LOWBIT_BITS for mode in ("naive", "kl")]
+    """The seed's naive-vs-KL comparison, with qgraph's `best` beside them: uint inputs, per-channel
+    weights, BN merged, first conv excluded."""
+    return [Row(False, mode, "channel", True, True, bits, bits) for bits in LOWBIT_BITS for mode in LOWBIT_MODES]
 
 
 GRIDS = ("int8", "lowbit")
@@ -157,24 +169,27 @@ def format_int8_table(fp32: Accuracy, results: list) -> str:
              "| :---: | :---: | :---: | :---: | :---: | :---: | :---: |",
              f"| float32 | / | float32 | / |   | / | {_pct(fp32.top1)} |"]
     for row, result in results:
-        offline = {None: "x", "naive": "naive", "kl": "KL"}[row.offline]
+        offline = {None: "x", "naive": "naive", "kl": "KL", "best": "best"}[row.offline]
         lines.append(f"| {_in_dtype(row)} | {offline} | int{row.weight_bits} | {row.quant_type} | "
                      f"{_tick(row.merge_bn)} | {_tick(row.exclude_first_conv)} | {_pct(result.top1)} |")
     return "\n".join(lines)
 
 
 def format_lowbit_table(fp32: Accuracy, results: list) -> str:
-    lines = ["| IN dtype | WT dtype | WT qtype | Merge BN | w/o 1st conv | Top1 Acc@naive | Top1 Acc@KL |",
-             "| :---: | :---: | :---: | :---: | :---: | :---: | :---: |",
-             f"| float32 | float32 | / |   | / | {_pct(fp32.top1)} | {_pct(fp32.top1)} |"]
     by_variant: dict = {}
     for row, result in results:
         by_variant.setdefault(row.variant, {})[row.offline] = (row, result)
+    columns = [m for m in LOWBIT_MODES if any(m in modes for modes in by_variant.values())]
+    names = {"naive": "naive", "kl": "KL", "best": "best"}
+    lines = ["| IN dtype | WT dtype | WT qtype | Merge BN | w/o 1st conv | "
+             + " | ".join(f"Top1 Acc@{names[m]}" for m in columns) + " |",
+             "| :---: | :---: | :---: | :---: | :---: | " + " | ".join(":---:" for _ in columns) + " |",
+             "| float32 | float32 | / |   | / | " + " | ".join(_pct(fp32.top1) for _ in columns) + " |"]
     for modes in by_variant.values():
-        row = modes["naive"][0]
+        row = next(iter(modes.values()))[0]
+        cells = [_pct(modes[m][1].top1) if m in modes else "" for m in columns]
         lines.append(f"| {_in_dtype(row)} | int{row.weight_bits} | {row.quant_type} | {_tick(row.merge_bn)} | "
-                     f"{_tick(row.exclude_first_conv)} | {_pct(modes['naive'][1].top1)} | "
-                     f"{_pct(modes['kl'][1].top1)} |")
+                     f"{_tick(row.exclude_first_conv)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -4,15 +4,20 @@ With s = gamma / sqrt(running_var + eps) (gamma = 1 when fix_gamma), a layer fol
 inference-mode BatchNorm equals the layer with weight W * s per output channel and bias
 (b - running_mean) * s + beta. passes/fold_bn.py applies it; passes/fake_bn.py builds the same
 scale into the graph for QAT, and a fake-BN layer's weight is then already W * s (see
-`fake_bn_fold`), which fold_bn takes as it is.
+`fake_bn_fold`), which fold_bn takes as it is. For cross-layer equalization's bias absorption,
+fold_bn can record what the BatchNorm said about its output, mean beta and standard deviation
+|gamma| per channel (`output_statistics`), on the layer as BN_STATS_TAG.
 """
 from __future__ import annotations
+
+import json
 
 import numpy as np
 
 from . import attrs as A
 from .graph import Graph, TensorRef
-from .tags import FAKE_BN_TAG
+from .errors import GraphError
+from .tags import BN_STATS_TAG, FAKE_BN_TAG
 
 FOLDABLE_OPS = ("Convolution", "Deconvolution", "FullyConnected")
 NO_BIAS_DEFAULT = {"Convolution": False, "Deconvolution": True, "FullyConnected": False}
@@ -80,3 +85,33 @@ def scaled_weight(op: str, weight: np.ndarray, scale: np.ndarray, num_group: int
         factor = scale.reshape(num_group, 1, w.shape[1], *([1] * (w.ndim - 2)))
         return (grouped * factor).reshape(w.shape)
     return w * scale.reshape(-1, *([1] * (w.ndim - 1)))
+
+
+def output_statistics(graph: Graph, bn: str) -> tuple[np.ndarray, np.ndarray]:
+    """(beta, |gamma|) of a BatchNorm, float64 (gamma = 1 when fix_gamma): the per-channel mean and
+    standard deviation BatchNorm gives its output, as DFQ's bias absorption reads them."""
+    gamma, beta = (graph.params[r.node].astype(np.float64) for r in graph.inputs(bn)[1:3])
+    if A.get_bool(graph.attrs(bn), "fix_gamma", True, bn):
+        gamma = np.ones_like(gamma)
+    return beta, np.abs(gamma)
+
+
+def format_statistics(mean: np.ndarray, std: np.ndarray) -> str:
+    """The BN_STATS_TAG value: {"mean": [...], "std": [...]} with 9 significant digits."""
+    return json.dumps({"mean": [float(f"{v:.9g}") for v in mean], "std": [float(f"{v:.9g}") for v in std]},
+                      separators=(",", ":"))
+
+
+def recorded_statistics(graph: Graph, layer: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mean, std) of a layer's output as recorded by fold_bn (BN_STATS_TAG), or None."""
+    text = graph.attrs(layer).get(BN_STATS_TAG)
+    if not text:
+        return None
+    try:
+        record = json.loads(text)
+        mean, std = np.asarray(record["mean"], np.float64), np.asarray(record["std"], np.float64)
+    except (ValueError, KeyError, TypeError):
+        raise GraphError(f"'{layer}': attribute {BN_STATS_TAG} is not a BatchNorm statistics record") from None
+    if mean.shape != std.shape or mean.ndim != 1:
+        raise GraphError(f"'{layer}': attribute {BN_STATS_TAG} holds mean and std of different lengths")
+    return mean, std

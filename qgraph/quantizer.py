@@ -8,8 +8,11 @@ Arithmetic (DESIGN.md, "Quantizer arithmetic"):
   bias (a weight spec with bias_bits, the layer's input quantized too), per output channel c:
       s_b = s_x * s_w[c],  Q(b) = clip(round(b / s_b), -(2^(B-1)-1), 2^(B-1)-1) * s_b
 `round` is half away from zero (MXNet's `round`, as ncnn) or half to even (ONNX Runtime),
-as the spec's `rounding` says; every form rounds the same way. A zero scale is raised to
-1e-30, so an all-zero group or input quantizes to exactly zero instead of NaN.
+as the spec's `rounding` says; every form rounds the same way. A weight spec with `offsets`
+(AdaRound's result, qgraph/recovery/adaround.py) rounds each weight as a stored decision
+instead: the parameter `offsets` holds R in {0, 1} per weight and Q(W) = clip(floor(W / s) + R,
+-L, L) * s, in every form (training, evaluation, fixed), so the integers are the learned ones.
+A zero scale is raised to 1e-30, so an all-zero group or input quantizes to exactly zero instead of NaN.
 
 Training form ("ste"): out = BlockGrad(Q) + (c - BlockGrad(c)) with c the clipped
 input (or W), which is exactly Q in the forward pass and has gradient 1 inside the
@@ -86,6 +89,7 @@ class FakeQuantSpec:
     rounding: str = "half_away"
     learned: bool = False  # an offline input threshold QAT learns (LSQ)
     bias_bits: int = 0     # weight specs: 0 keeps the layer's bias float, 32 makes it int32 at s_x * s_w
+    offsets: str = ""      # weights: the parameter of learned rounding decisions (AdaRound), if any
 
     @property
     def id(self) -> str:
@@ -146,8 +150,9 @@ def add_weight_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True) -
     private = node("_copy", "copy", [weight])
     source = winograd.transform_weight(node, private, spec.winograd) if spec.winograd else private
     grouped, scale = _grouped_weight_scale(node, source, spec)
-    integers = node("clip", "int", [_round(node, node("broadcast_div", "div", [grouped, scale]), spec.rounding, False)],
-                    a_min=float(-levels), a_max=float(levels))
+    scaled = node("broadcast_div", "div", [grouped, scale])
+    rounded = _learned_round(graph, node, spec, scaled) if spec.offsets else _round(node, scaled, spec.rounding, False)
+    integers = node("clip", "int", [rounded], a_min=float(-levels), a_max=float(levels))
     dequantized = node("broadcast_mul", "mul", [integers, scale])
     if spec.winograd:
         dequantized = winograd.project_weight(node, dequantized, spec.winograd)
@@ -163,6 +168,16 @@ def _grouped_weight_scale(node: NodeBuilder, source: TensorRef, spec: FakeQuantS
     grouped = node("Reshape", "grouped", [source], shape=spec.reshape)
     magnitude = node("max", "absmax", [node("abs", "abs", [grouped])], axis=spec.axes, keepdims=True)
     return grouped, _scale(node, magnitude, spec.levels)
+
+
+def _learned_round(graph: Graph, node: NodeBuilder, spec: FakeQuantSpec, scaled: TensorRef) -> TensorRef:
+    """floor(W / s) + R with R the stored decisions (`spec.offsets`, in the weight's shape)."""
+    if not graph.is_param(spec.offsets):
+        raise GraphError(f"{spec.id}: rounding parameter '{spec.offsets}' has no value")
+    if spec.winograd:
+        raise GraphError(f"{spec.id}: learned rounding of Winograd-domain weights is not supported")
+    offsets = node("Reshape", "offsets", [TensorRef(spec.offsets)], shape=spec.reshape)
+    return node("elemwise_add", "round", [node("floor", "floor", [scaled]), offsets])
 
 
 def add_fixed_weight(graph: Graph, spec: FakeQuantSpec, name: str) -> str:
@@ -558,7 +573,7 @@ def strip_fake_quant(graph: Graph, kinds=("weight", "input", "bias"), layers=Non
         group = members.get(spec.id, set())
         # a bias quantizer also reads the steps of its layer's weight and input quantizers
         sources = {ref for n in group for ref in graph.inputs(n) if ref.node not in group
-                   and ref.node != spec.threshold and FQ_TAG not in graph.attrs(ref.node)}
+                   and ref.node not in (spec.threshold, spec.offsets) and FQ_TAG not in graph.attrs(ref.node)}
         if len(sources) != 1:
             raise GraphError(f"fake-quant subgraph '{spec.id}' reads {sorted(sources)}; expected one tensor")
         graph.replace_all_uses(TensorRef(exit_node), sources.pop())

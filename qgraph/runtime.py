@@ -6,7 +6,9 @@ input thresholds), and the current Mode. A forward pass runs the SymbolBlock of 
 form, emitted once by qgraph.emit and then reused; switching modes never copies or
 re-binds parameters. With quantization disabled the emission is the float graph itself,
 so outputs equal the float model's bit for bit. Input thresholds live in one place, the
-ThresholdStore, which also keeps the EMA that online calibration uses.
+ThresholdStore, which also keeps the EMA that online calibration uses. Post-training recovery
+(qgraph.recovery) changes the net only through set_layer_bias and set_weight_rounding, which
+add parameters to the float graph when needed and drop the emitted forms.
 """
 from __future__ import annotations
 
@@ -20,11 +22,12 @@ import numpy as np
 from mxnet import autograd
 
 from . import calibrate as calibration
+from . import recovery
 from .emit import Emission, Mode, emit, fixed_weight_outputs
-from .errors import ConfigError
+from .errors import ConfigError, GraphError
 from .graph import Graph
-from .io import load, save, to_block
-from .quantizer import fake_quant_specs, strip_fake_quant
+from .io import evaluate, load, save, to_block
+from .quantizer import QUANTIZABLE_OPS, fake_quant_specs, strip_fake_quant
 from .tags import FQ_TAG
 
 log = logging.getLogger(__name__)
@@ -128,10 +131,23 @@ def add_threshold_params(graph: Graph, input_specs, values: Mapping[str, np.ndar
     return graph
 
 
-def _float_graph(graph: Graph, input_specs) -> Graph:
-    """The graph without fake-quant subgraphs, with a threshold parameter for every input spec."""
+def add_rounding_params(graph: Graph, weight_specs, values: Mapping[str, np.ndarray]) -> Graph:
+    """Add the parameter `spec.offsets` (learned rounding decisions) of every weight spec that has one."""
+    for spec in weight_specs:
+        if spec.offsets:
+            if spec.offsets not in values:
+                raise GraphError(f"{spec.id}: rounding parameter '{spec.offsets}' has no value")
+            graph.add_variable(spec.offsets, np.asarray(values[spec.offsets], np.float32), attrs={FQ_TAG: spec.id})
+    return graph
+
+
+def _float_graph(graph: Graph, input_specs, weight_specs) -> Graph:
+    """The graph without fake-quant subgraphs, with a threshold parameter for every input spec
+    and the rounding parameter of every weight spec with learned rounding."""
     stored = {s.threshold: graph.params[s.threshold] for s in input_specs if s.threshold in graph.params}
-    return add_threshold_params(strip_fake_quant(graph.copy()), input_specs, stored)
+    offsets = {s.offsets: graph.params[s.offsets] for s in weight_specs if s.offsets in graph.params}
+    stripped = add_threshold_params(strip_fake_quant(graph.copy()), input_specs, stored)
+    return add_rounding_params(stripped, weight_specs, offsets)
 
 
 def _shared_params(graph: Graph, fixed: set, ctx) -> mx.gluon.ParameterDict:
@@ -158,27 +174,33 @@ class QuantizedNet(mx.gluon.SymbolBlock):
         specs = fake_quant_specs(graph)
         input_specs = [dataclasses.replace(s, threshold=s.threshold or f"{s.layer}_data_threshold")
                        for s in specs if s.kind == "input"]
-        float_graph = _float_graph(graph, input_specs)
+        weight_specs = [s for s in specs if s.kind == "weight"]
+        float_graph = _float_graph(graph, input_specs, weight_specs)
         ctx = ctx or mx.cpu()
-        shared = _shared_params(float_graph, {s.threshold for s in input_specs if not s.learned}, ctx)
+        shared = _shared_params(float_graph, {s.threshold for s in input_specs if not s.learned}
+                                | {s.offsets for s in weight_specs if s.offsets}, ctx)
         with warnings.catch_warnings():  # "cannot decide type": the inputs are typed at the first forward
             warnings.simplefilter("ignore")
             super().__init__(graph.to_symbol(), [mx.sym.var(n) for n in graph.input_names], params=shared)
         self.ctx = ctx
         self.float_graph = float_graph
         self.input_specs = input_specs
-        self.weight_specs = [s for s in specs if s.kind == "weight"]
+        self.weight_specs = weight_specs
         online = any(s.online for s in input_specs)
         self.mode = Mode(weights=bool(self.weight_specs), inputs=bool(input_specs), online=online)
         self.report = None
         self._shared = shared
         self._thresholds = ThresholdStore(shared, input_specs, already_set=not online)
-        self._blocks: dict = {}
         self._batch_stats: dict = {}
         self._signs_checked = False
-        self._fixed = FixedWeights(float_graph, self.weight_specs, shared)
+        self._reset_forms()
+
+    def _reset_forms(self) -> None:
+        """Forget every emitted form and the fixed weights: the float graph or the specs changed."""
+        self._blocks = {}
+        self._fixed = FixedWeights(self.float_graph, self.weight_specs, self._shared)
         self._eval_params = mx.gluon.ParameterDict("")
-        self._eval_params.update(shared)
+        self._eval_params.update(self._shared)
 
     def collect_params(self, select=None):
         """Every parameter of every mode: float weights, BN statistics, input thresholds."""
@@ -297,6 +319,81 @@ class QuantizedNet(mx.gluon.SymbolBlock):
         see qgraph.calibrate.calibrate. Returns layer -> {threshold, method, bits, signed}."""
         return calibration.calibrate(self, data, mode=mode, calib_epoch=calib_epoch, num_batches=num_batches,
                                      **options)
+
+    # ------------------------------------------------------------------ post-training recovery
+    def correct_bias(self, data, batch_size: int = 128, progress: bool = True) -> dict:
+        """Empirical bias correction, layer by layer; see qgraph.recovery.bias_correction.
+        Returns layer -> the correction added to its bias."""
+        return recovery.correct_bias(self, data, batch_size=batch_size, progress=progress)
+
+    def adaround(self, data, iterations: int = recovery.ITERATIONS, **options) -> dict:
+        """Learned rounding of every quantized weight, layer by layer; see qgraph.recovery.adaround.
+        Returns layer -> {loss_nearest, loss, flipped}."""
+        return recovery.adaround(self, data, iterations=iterations, **options)
+
+    def layer_bias(self, layer: str) -> np.ndarray | None:
+        """The current bias of a layer (None when it has none)."""
+        inputs = self.float_graph.inputs(self._layer(layer))
+        return self._shared[inputs[2].node].data().asnumpy() if len(inputs) > 2 else None
+
+    def set_layer_bias(self, layer: str, value) -> str:
+        """Set a layer's bias, giving it a bias parameter (`<layer>_bias`) if it has none; every form
+        of the simulation, the export and the deployable graph read it. Returns the parameter's name."""
+        graph = self.float_graph
+        value = np.asarray(value, np.float32)
+        inputs = graph.inputs(self._layer(layer))
+        channels = self._shared[inputs[1].node].shape[0] if graph.op(layer) != "Deconvolution" else None
+        if value.ndim != 1 or (channels is not None and value.shape[0] != channels) or not np.isfinite(value).all():
+            raise ConfigError(f"bias for '{layer}' must be {channels or 'one per output channel:'} finite values, "
+                              f"got shape {value.shape}")
+        if len(inputs) > 2:
+            self._shared[inputs[2].node].set_data(mx.nd.array(value))
+            return inputs[2].node
+        name = graph.add_variable(f"{layer}_bias", value)
+        graph.add_input(layer, name)
+        graph.set_attr(layer, "no_bias", "False")
+        self._add_param(name, value, "write")
+        self._reset_forms()
+        return name
+
+    def set_weight_rounding(self, layer: str, offsets) -> str:
+        """Round `layer`'s weight as stored decisions instead of to nearest: Q(W) = clip(floor(W / s)
+        + R, -L, L) * s with R (`offsets`, 0 or 1 per weight) kept as the parameter
+        `<layer>_weight_rounding`, which every form, the export, fixed_graph and the ncnn writer use."""
+        index = next((i for i, s in enumerate(self.weight_specs) if s.layer == layer), None)
+        if index is None:
+            raise ConfigError(f"'{layer}' has no quantized weight; layers with one: "
+                              f"{[s.layer for s in self.weight_specs][:5]}")
+        spec = self.weight_specs[index]
+        offsets = np.asarray(offsets, np.float32)
+        if offsets.shape != tuple(spec.shape) or not np.isin(offsets, (0.0, 1.0)).all():
+            raise ConfigError(f"rounding offsets for '{layer}' must be 0 or 1 in the weight's shape {spec.shape}, "
+                              f"got shape {offsets.shape}")
+        if spec.winograd:
+            raise ConfigError(f"'{layer}': learned rounding of Winograd-domain weights is not supported")
+        if spec.offsets:
+            self._shared[spec.offsets].set_data(mx.nd.array(offsets))
+            return spec.offsets
+        name = self.float_graph.add_variable(f"{layer}_weight_rounding", offsets, attrs={FQ_TAG: spec.id})
+        self._add_param(name, offsets, "null")
+        self.weight_specs[index] = dataclasses.replace(spec, offsets=name)
+        self._reset_forms()
+        return name
+
+    def quantized_weights(self) -> dict[str, np.ndarray]:
+        """layer -> its quantized weight Q(W) (integers times scales), as the simulation computes it."""
+        graph = fixed_weight_outputs(self.current_float_graph(), self.weight_specs)
+        return {spec.layer: value for spec, value in zip(self.weight_specs, evaluate(graph, graph.outputs))}
+
+    def _layer(self, layer: str) -> str:
+        if layer not in self.float_graph or self.float_graph.op(layer) not in QUANTIZABLE_OPS:
+            raise ConfigError(f"'{layer}' is not a Convolution, Deconvolution or FullyConnected layer of the net")
+        return layer
+
+    def _add_param(self, name: str, value: np.ndarray, grad_req: str) -> None:
+        param = self._shared.get(name, shape=value.shape, dtype="float32", grad_req=grad_req)
+        param.initialize(mx.init.Zero(), ctx=self.ctx)
+        param.set_data(mx.nd.array(value))
 
     # ------------------------------------------------------------------ graphs and files
     def parameter_values(self) -> dict[str, np.ndarray]:

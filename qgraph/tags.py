@@ -9,3 +9,4 @@ FAKE_BN_TAG = "__qgraph_fake_bn__"    # nodes of passes/fake_bn.py; value: the B
 WINOGRAD_TAG = "__qgraph_winograd__"  # float Winograd transform nodes of a full-mode kernel; value: the layer
 WINOGRAD_PRODUCT_TAG = "__qgraph_winograd_product__"  # a Winograd kernel's V . U product (quantized); value: the layer
 TAP_TAG = "__qgraph_tap__"            # calibration taps; value: "<tensor>|<kind>"
+BN_STATS_TAG = "__qgraph_bn_stats__"  # a layer BatchNorm was folded into (for equalize); value: its output mean/std

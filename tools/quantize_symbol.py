@@ -27,8 +27,8 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 import passes  # noqa: E402
 import qgraph  # noqa: E402
-from qgraph.cli import (add_calib_args, add_model_file_args, add_quant_args, calibration_from_args,  # noqa: E402
-                        config_from_args, run_reporting_errors)
+from qgraph.cli import (add_calib_args, add_model_file_args, add_quant_args, add_recovery_args,  # noqa: E402
+                        calibration_from_args, config_from_args, recovery_from_args, run_reporting_errors)
 from qgraph.data import load_calibration_data  # noqa: E402
 from qgraph.io import check_output_prefix, guess_input_shapes, model_files, write_atomic  # noqa: E402
 from qgraph.quantizer import fake_quant_specs  # noqa: E402
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="do not run Graph.verify() before the first and after each pass")
     add_quant_args(parser)
     add_calib_args(parser)
+    add_recovery_args(parser)
     diagnostics = parser.add_argument_group("diagnostics")
     diagnostics.add_argument("--dump-graph", metavar="DIR",
                              help="write the graph after each pass as DIR/NN_pass.dot (+ .svg when "
@@ -73,10 +74,12 @@ def default_out(symbol: str) -> str:
 
 
 def run(args) -> int:
+    recovery = recovery_from_args(args)
     if args.calib_mode:
         args.quantize_input_offline = True
-        if not args.calib_data:
-            raise qgraph.ConfigError("--calib-mode needs --calib-data")
+    if (args.calib_mode or recovery.active) and not args.calib_data:
+        raise qgraph.ConfigError(f"--{'calib-mode' if args.calib_mode else 'adaround/--bias-correction'} needs "
+                                 "--calib-data")
     config = config_from_args(args)
     pipeline = passes.build_pipeline(args.passes) if args.passes else passes.default_pipeline(config)
     symbol_path, params_path = model_files(args.symbol, args.params)
@@ -96,27 +99,31 @@ def run(args) -> int:
         dumps = qgraph.DumpInstrument(args.dump_graph, formats=args.dump_format.split(","), detail=args.dump_detail)
         instruments.append(dumps)
     result, report = qgraph.PassManager(pipeline, instruments, verify=not args.no_verify).run(graph, config)
-    thresholds = None
-    if args.calib_mode and fake_quant_specs(result):
+    thresholds = recovered = None
+    if (args.calib_mode or recovery.active) and fake_quant_specs(result):
         net = qgraph.QuantizedNet(result)
         shape = graph.input_shapes.get(args.input_name) or args.input_shape
         if shape is None:
             raise qgraph.ConfigError("cannot tell the input shape for reading calibration images; pass --input-shape")
         images, _ = load_calibration_data(args.calib_data, shape, args.mean, args.std, args.num_sample,
                                           args.fixed_random_seed)
-        thresholds = calibration_from_args(args).run(net, images, progress=not args.quiet)
+        if args.calib_mode:
+            thresholds = calibration_from_args(args).run(net, images, progress=not args.quiet)
+        recovered = recovery.run(net, images, progress=not args.quiet)
         written = net.export(out)
         if dumps is not None:
             dumps.dump(net.current_graph(), "calibrated")
     else:
         written = qgraph.save(result, out)
     if args.report:
-        write_atomic(args.report, json.dumps({"calibration": thresholds or {},
+        write_atomic(args.report, json.dumps({"calibration": thresholds or {}, "recovery": recovered or {},
                                               "passes": [e._asdict() for e in report.entries]}, indent=2))
     if not args.quiet:
         print(report.format())
         if thresholds:
             print(f"calibrated {len(thresholds)} input thresholds ({args.calib_mode})")
+        for method, done in (recovered or {}).items():
+            print(f"{method}: {len(done['layers'])} layers in {done['seconds']:.1f} s")
         print(f"nodes: {len(graph)} -> {len(result)}; wrote {written[0]} and {written[1]}")
     return 0
 

@@ -39,8 +39,8 @@ import mxnet as mx  # noqa: E402
 
 import passes  # noqa: E402
 from qgraph import ConfigError, data, experiment, models  # noqa: E402
-from qgraph.cli import (add_calib_args, add_quant_args, calibration_from_args, config_from_args,  # noqa: E402
-                        run_reporting_errors)
+from qgraph.cli import (add_calib_args, add_quant_args, add_recovery_args, calibration_from_args,  # noqa: E402
+                        config_from_args, recovery_from_args, run_reporting_errors)
 from qgraph.io import write_atomic  # noqa: E402
 
 PROG = "simulate_quantization.py"
@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     calib = add_calib_args(parser)
     calib.add_argument("--eval-per-calib", action="store_true",
                        help="evaluate after every calibration epoch (naive) or after calibration (others)")
+    add_recovery_args(parser)
     parser.set_defaults(calib_batch_size=None)
     parser._option_string_actions["--num-sample"].help = (
         f"calibration images per class, class-balanced with --fixed-random-seed (default: {DEFAULT_NUM_SAMPLE} of "
@@ -141,7 +142,10 @@ def run(args) -> int:
         print(models.describe(graph))
     evalset = data.eval_set(dataset, args.data_dir, args.num_eval, args.num_workers)
     offline = bool(args.quantize_input_offline or args.calib_mode)
-    calib_images = calibration_images(args, dataset) if args.grid or offline else None
+    recovery = recovery_from_args(args)
+    if args.grid and recovery.active:
+        raise ConfigError("--adaround and --bias-correction apply to one simulation, not to --grid")
+    calib_images = calibration_images(args, dataset) if args.grid or offline or recovery.active else None
     calibration, progress = calibration_from_args(args), not args.quiet
     name = args.model or Path(args.symbol).name.replace("-symbol.json", "")
     report = {"model": name, "dataset": dataset, "eval_images": evalset.size or None, "argv": args.argv,
@@ -157,16 +161,18 @@ def run(args) -> int:
     else:
         config = config_from_args(args).replace(online=not offline)
         result = experiment.simulate(graph, config, evalset, passes.quantize, calibration if offline else None,
-                                     calib_images, args.batch_size, args.eval_per_calib, ctx, progress)
+                                     calib_images, args.batch_size, args.eval_per_calib, ctx, progress, recovery)
         for line in result.net.report.format().splitlines():
             log.info("%s", line)
         for i, accuracy in enumerate(result.per_calibration):
             _print_result(f"calibration {i + 1}", accuracy)
-        if not result.per_calibration:
+        for method, done in (result.recovery or {}).items():
+            print(f"{method}: {done['seconds']:.1f} s on {len(calib_images)} calibration images")
+        if not result.per_calibration or result.recovery:
             _print_result("result", result.accuracy)
         if offline:
             report["calibration"] = {"mode": calibration.mode, "thresholds": result.net.thresholds()}
-        report.update(config=asdict(config), result=result.accuracy.as_dict(),
+        report.update(config=asdict(config), result=result.accuracy.as_dict(), recovery=result.recovery,
                       per_calib=[a.as_dict() for a in result.per_calibration] or None)
     if args.report:
         write_atomic(args.report, json.dumps(report, indent=2, default=str) + "\n")

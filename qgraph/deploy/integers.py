@@ -24,17 +24,26 @@ def round_ties(values: np.ndarray, rounding: str) -> np.ndarray:
     return np.sign(values) * np.floor(np.abs(values) + 0.5)
 
 
-def weight_codes(weight: np.ndarray, spec: FakeQuantSpec, channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def weight_codes(weight: np.ndarray, spec: FakeQuantSpec, channels: int | None = None,
+                 offsets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(codes as int8/int16/int32, step of each output channel, float32) of a weight quantizer,
     for weights grouped by their first axis (per layer, group or channel of a Convolution or
-    FullyConnected): s = max(max|W_g| / L, 1e-30), codes = clip(round(W / s), -L, L)."""
+    FullyConnected): s = max(max|W_g| / L, 1e-30), codes = clip(round(W / s), -L, L), or with
+    learned rounding decisions R (AdaRound, `offsets` in W's shape) clip(floor(W / s) + R, -L, L)."""
     if tuple(spec.axes) != (1,) or len(spec.reshape) != 2:
         raise GraphError(f"'{spec.layer}': weights grouped as {spec.reshape} have no per-output-channel steps")
     w = np.asarray(weight, F32)
     groups = spec.reshape[0]
     grouped = w.reshape(groups, -1)
     steps = np.maximum(np.abs(grouped).max(axis=1) / F32(spec.levels), F32(MIN_SCALE)).astype(F32)
-    codes = np.clip(round_ties((grouped / steps[:, None]).astype(F32), spec.rounding), -spec.levels, spec.levels)
+    scaled = (grouped / steps[:, None]).astype(F32)
+    if offsets is not None:
+        if np.shape(offsets) != w.shape:
+            raise GraphError(f"'{spec.layer}': rounding decisions of shape {np.shape(offsets)} for a weight of {w.shape}")
+        rounded = np.floor(scaled) + np.asarray(offsets, F32).reshape(groups, -1)
+    else:
+        rounded = round_ties(scaled, spec.rounding)
+    codes = np.clip(rounded, -spec.levels, spec.levels)
     channels = channels or w.shape[0]
     dtype = np.int8 if spec.bits <= 8 else np.int16 if spec.bits <= 16 else np.int32
     return codes.astype(dtype).reshape(w.shape), np.repeat(steps, channels // groups).astype(F32)

@@ -119,11 +119,12 @@ def fp32_files(folded: Graph, prefix) -> dict:
 
 
 # ---------------------------------------------------------------------- weights
-def exact_weight(weight: np.ndarray, spec) -> tuple[np.ndarray, list]:
+def exact_weight(weight: np.ndarray, spec, offsets: np.ndarray | None = None) -> tuple[np.ndarray, list]:
     """qgraph's Q(W) with each output channel's extreme moved to m, about 127.5 * s_w, such that
     oneDNN's weight quantization (scale 127.5 / max|W_c|, rint, saturate) gives qgraph's codes.
-    Returns (the weight to hand to MXNet, channels where oneDNN keeps -128 for the extreme)."""
-    codes, steps = integers.weight_codes(weight, spec)
+    `offsets`: the layer's learned rounding decisions (AdaRound), if any. Returns (the weight to
+    hand to MXNet, channels where oneDNN keeps -128 for the extreme)."""
+    codes, steps = integers.weight_codes(weight, spec, offsets=offsets)
     flat = codes.reshape(len(codes), -1)
     out = (flat * steps[:, None]).astype(np.float32)
     kept = []
@@ -229,10 +230,10 @@ def convert(net, calib_images: np.ndarray) -> Int8Model:
     thresholds = net.thresholds()
     signed = {s.layer: s.signed for s in net.input_specs}
     notes = []
-    params = dict(folded.params)
+    params, values = dict(folded.params), net.parameter_values()
     for layer, spec in weights.items():
         name = folded.inputs(layer)[1].node
-        params[name], kept = exact_weight(folded.params[name], spec)
+        params[name], kept = exact_weight(folded.params[name], spec, values[spec.offsets] if spec.offsets else None)
         if kept:
             notes.append(f"{layer}: oneDNN keeps -128 for the extreme weight of channel(s) {kept}")
     guarded = folded.copy()

@@ -18,7 +18,9 @@ ncnn2int8.cpp):
   ConvolutionDepthWise (per-group weight scales); weights round(W * s) clipped to [-127, 127]
   under the int8 tag, then the float bias, the weight scales and the input scale.
   ncnn2int8 also stores the weights of layers it leaves in float as fp16; this writer keeps
-  them float32, so float layers compute exactly what the simulation's float layers compute.
+  them float32, so float layers compute exactly what the simulation's float layers compute. A
+  layer whose weight rounding was learned (AdaRound) gets the simulation's integers, not
+  round(W * s): the scales, 127/max|W|, are the same.
 
 What ncnn (1.0.20261020, x86) does with the int8 model, measured with tests/qgraph/test_ncnn.py
 and tools/export_ncnn.py --verify: every layer with a table entry runs int8 (inputs quantized
@@ -192,8 +194,8 @@ def _param(graph: Graph, layer: str, slot: int) -> np.ndarray:
 
 
 class _Converter:
-    def __init__(self, graph: Graph, input_shapes: dict, table: Table | None):
-        self.graph, self.table = graph, table
+    def __init__(self, graph: Graph, input_shapes: dict, table: Table | None, quantized: dict | None = None):
+        self.graph, self.table, self.quantized = graph, table, quantized or {}
         self.shapes = _output_shapes(graph, input_shapes)
         self.alias: dict = {}
         self.layers: list[Layer] = []
@@ -295,7 +297,12 @@ class _Converter:
             groups = len(scales)
             if groups == 0 or weight.shape[0] % groups:
                 raise GraphError(f"table: '{name}_param_0' has {groups} scales for {weight.shape[0]} outputs")
-            grouped = weight.reshape(groups, -1)
+            # a weight the simulation rounds its own way (AdaRound) is written as its quantized value:
+            # Q(W) * 127 / max|W| is an integer up to float rounding, which quantize_int8 removes
+            source = self.quantized.get(name, weight)
+            if source.shape != weight.shape:
+                raise GraphError(f"quantized weight of '{name}' has shape {source.shape}, the layer {weight.shape}")
+            grouped = source.astype(np.float32).reshape(groups, -1)
             layer.params.append((8, int8_term))
             layer.arrays.append((True, quantize_int8(grouped, scales[:, None]).reshape(-1)))
         else:
@@ -446,10 +453,12 @@ def _bin_bytes(layers: list) -> bytes:
     return b"".join(chunks)
 
 
-def to_ncnn(graph: Graph, input_shape=None, table: Table | None = None) -> NcnnModel:
+def to_ncnn(graph: Graph, input_shape=None, table: Table | None = None, quantized: dict | None = None) -> NcnnModel:
     """The ncnn model of `graph` (BatchNorm folded first). With `table`, the layers it has an
-    input scale for are written int8, as ncnn2int8 writes them. `input_shape` (N, C, H, W), or a
-    dict per input, defaults to graph.input_shapes."""
+    input scale for are written int8, as ncnn2int8 writes them; a layer in `quantized` (layer ->
+    its quantized weight Q(W), e.g. AdaRounded) gets the integers of Q(W) instead of rounding its
+    float weight to nearest. `input_shape` (N, C, H, W), or a dict per input, defaults to
+    graph.input_shapes."""
     shapes = graph.input_shapes if input_shape is None else (
         dict(input_shape) if isinstance(input_shape, dict) else {graph.input_names[0]: tuple(input_shape)})
     missing = [n for n in graph.input_names if n not in shapes]
@@ -459,7 +468,7 @@ def to_ncnn(graph: Graph, input_shape=None, table: Table | None = None) -> NcnnM
         unknown = sorted(set(table.inputs) - set(graph.nx))
         if unknown:
             raise GraphError(f"calibration table names layers the graph does not have: {unknown[:3]}")
-    return _Converter(graph, {k: tuple(v) for k, v in shapes.items()}, table).run()
+    return _Converter(graph, {k: tuple(v) for k, v in shapes.items()}, table, quantized).run()
 
 
 # ---------------------------------------------------------------------- running
@@ -554,8 +563,12 @@ def export_int8(net, input_shape) -> Int8Export:
     if len(granularity) > 1:
         raise ConfigError(f"ncnn tables hold one weight granularity; the net mixes {sorted(granularity)}")
     text = calibration_table(folded, net.thresholds(), granularity.pop()).format()
+    # AdaRounded weights keep the integers the simulation learned (same scales: s = max|W| / 127)
+    learned = {s.layer for s in net.weight_specs if s.offsets}
+    quantized = {layer: w for layer, w in net.quantized_weights().items() if layer in learned} if learned else None
     # ncnn2int8 reads the scales back from the printed table, so the int8 model does too
-    return Int8Export(folded, to_ncnn(folded, input_shape), text, to_ncnn(folded, input_shape, Table.parse(text)))
+    return Int8Export(folded, to_ncnn(folded, input_shape), text,
+                      to_ncnn(folded, input_shape, Table.parse(text), quantized))
 
 
 def verify(folded: Graph, fp32_files, images: np.ndarray, labels=None, net=None, int8_files=None,

@@ -184,12 +184,13 @@ def qdq_model(folded: Graph, net, input_shape, debug_layers=()) -> "onnx.ModelPr
     inits = {i.name: i for i in model.graph.initializer}
     thresholds = net.thresholds()
     weight_steps, input_steps, codes_of = {}, {}, {}
+    values = net.parameter_values()
     for spec in net.weight_specs:
         node = nodes[spec.layer]
         if node.op_type == "Gemm" and _attr(node, "transB", 0) != 1:
             raise GraphError(f"node '{spec.layer}': Gemm without transB=1 has no per-output-channel weight axis")
         weight = onnx.numpy_helper.to_array(inits[node.input[1]])
-        codes, steps = integers.weight_codes(weight, spec)
+        codes, steps = integers.weight_codes(weight, spec, offsets=values[spec.offsets] if spec.offsets else None)
         per_tensor = spec.reshape[0] == 1
         scale = steps[:1].reshape(()) if per_tensor else steps
         node.input[1] = rewrite.dequantize(f"{spec.layer}_weight", codes, scale, axis=not per_tensor)

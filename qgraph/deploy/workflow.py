@@ -13,7 +13,8 @@ from typing import Callable
 import numpy as np
 
 from .. import data
-from ..cli import add_calib_args, add_model_file_args, add_quant_args, calibration_from_args, positive_int, shape_arg
+from ..cli import (add_calib_args, add_model_file_args, add_quant_args, add_recovery_args, calibration_from_args,
+                   positive_int, recovery_from_args, shape_arg)
 from ..errors import ConfigError
 from ..graph import Graph
 from ..io import check_output_prefix, guess_input_shapes, load_files, model_files, model_prefix, write_files_atomic
@@ -35,6 +36,7 @@ def export_parser(prog: str, doc: str, out_help: str, runtime: str):
     add_model_file_args(parser, out_help, shape_type=image_shape)
     quant = add_quant_args(parser)
     add_calib_args(parser)
+    add_recovery_args(parser)
     parser.set_defaults(quant_type="channel", input_signed=True, merge_bn=True, exclude_first_conv=False,
                         calib_mode="entropy")
     check = parser.add_argument_group(f"verification with {runtime}")
@@ -82,13 +84,16 @@ def prepare(args) -> ExportJob:
     check_output_prefix(out)
     if args.verify and int8 and data_dir is None and not args.verify_data:
         raise ConfigError("--verify needs test images: --data-dir (CIFAR-10) or --verify-data")
+    if not int8 and recovery_from_args(args).active:
+        raise ConfigError("--adaround and --bias-correction change the int8 model: drop --no-int8")
     if int8 and not args.calib_data and data_dir is None:
         raise ConfigError("int8 export needs calibration images: --calib-data or --data-dir (or --no-int8)")
     return ExportJob(graph, tuple(shape), out, data_dir, int8)
 
 
 def calibrate(net, args, job: ExportJob) -> np.ndarray:
-    """Calibrate `net`'s input thresholds as the flags say (export_ncnn's defaults); returns the images."""
+    """Calibrate `net`'s input thresholds as the flags say (export_ncnn's defaults), then run the
+    recovery flags (AdaRound, bias correction) on the same images; returns the images."""
     if args.calib_data:
         images = data.load_calibration_data(args.calib_data, job.shape, args.mean, args.std, args.num_sample,
                                             args.fixed_random_seed)[0]
@@ -96,6 +101,7 @@ def calibrate(net, args, job: ExportJob) -> np.ndarray:
         images = data.calibration_subset("cifar10", job.data_dir, args.num_sample or CIFAR10_PER_CLASS,
                                          args.fixed_random_seed)
     calibration_from_args(args).run(net, images, progress=not args.quiet)
+    recovery_from_args(args).run(net, images, progress=not args.quiet)
     return images
 
 

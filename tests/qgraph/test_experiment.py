@@ -20,7 +20,8 @@ def test_the_seed_rows():
     assert len(rows) == 18 and len({r.variant for r in rows}) == 8  # 8 graphs for 18 rows
     assert rows[0].label == "uint8/online/int8 layer +1st-conv"
     lowbit = experiment.grid_rows("lowbit")
-    assert [(r.weight_bits, r.offline) for r in lowbit[:2]] == [(6, "naive"), (6, "kl")] and len(lowbit) == 8
+    assert [(r.weight_bits, r.offline) for r in lowbit[:3]] == [(6, "naive"), (6, "kl"), (6, "best")]
+    assert len(lowbit) == 12 and len({r.variant for r in lowbit}) == 4
     assert experiment.grid_rows("int8", 4, 6)[0].weight_bits == 4
 
 
@@ -30,6 +31,7 @@ def test_a_grid_row_equals_the_same_configuration_run_alone(setup):
     fp32, results = experiment.run_grid(graph, rows, qgraph.QuantConfig(), evalset, calib, Calibration(epochs=1),
                                         passes.quantize)
     table = experiment.format_lowbit_table(fp32, results)
+    assert table.splitlines()[0].endswith("| Top1 Acc@naive | Top1 Acc@KL |")  # only the columns that ran
     assert table.splitlines()[3].startswith("| uint6 | int6 | channel | √ | √ |")
     alone = experiment.simulate(graph, qgraph.QuantConfig(weight_bits=6, input_bits=6, quant_type="channel",
                                                           merge_bn=True, online=False), evalset, passes.quantize,

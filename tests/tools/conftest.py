@@ -5,6 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qgraph.data import mnist_split
+
 BUNDLED = Path(__file__).resolve().parents[2] / "models" / "mnist_cnn"
 
 
@@ -18,9 +20,7 @@ def model(tmp_path):
 
 @pytest.fixture
 def mnist_files(tmp_path):
-    """calib.npy (200 training digits) and test.npz (200 test digits with labels) in tmp_path."""
-    from qgraph.data import mnist_split
-
+    """200 bundled MNIST training images as calib.npy and 200 test images with labels as test.npz."""
     (x_train, _), (x_test, y_test) = mnist_split()
     np.save(tmp_path / "calib.npy", x_train[:200])
     np.savez(tmp_path / "test.npz", data=x_test[:200], label=y_test[:200])

@@ -216,12 +216,12 @@ def test_int8_grid_prints_the_seed_table_and_reports_it(mnist, tmp_path, capsys)
     assert f"acc     : {100 * row['top1']:.2f}%" in out
 
 
-def test_lowbit_grid_has_naive_and_kl_columns(capsys):
+def test_lowbit_grid_has_naive_kl_and_best_columns(capsys):
     rc, out, _ = _run(["--symbol", f"{MODEL}-symbol.json", "--grid", "lowbit", "--num-eval", "50",
                        "--num-sample", "2", "--calib-epoch", "1", "-q"], capsys)
     assert rc == 0
     table = _table(out)
-    assert table[0][-2:] == ["Top1 Acc@naive", "Top1 Acc@KL"]
+    assert table[0][-3:] == ["Top1 Acc@naive", "Top1 Acc@KL", "Top1 Acc@best"]
     assert [row[:2] for row in table[2:]] == [["float32", "float32"], ["uint6", "int6"], ["uint5", "int5"],
                                                ["uint4", "int4"], ["uint3", "int3"]]
     assert all(row[2:5] == ["channel", "√", "√"] for row in table[3:])
