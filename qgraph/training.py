@@ -51,16 +51,7 @@ class Optimization:
         options = {"learning_rate": self.lr, "lr_scheduler": schedule, "wd": self.wd}
         if self.optimizer in ("nag", "sgd"):
             options["momentum"] = self.momentum
-        trainer = gluon.Trainer(params, self.optimizer, options, kvstore=kvstore, update_on_kvstore=update_on_kvstore)
-        if isinstance(kvstore, mx.kv.KVStore) and kvstore.type.startswith("dist"):
-            # gluon.Trainer broadcasts rank 0's parameters inside its first step(), and MXNet 1.9's dist
-            # kvstore does not order that broadcast's pulls before the step's gradient pushpull (it swaps
-            # the pull buffer for the gradient): a worker late to pull took the summed gradient for its
-            # weights here. So broadcast now, through the private calls step() makes, and wait.
-            trainer._init_kvstore()
-            trainer._init_params()
-            mx.nd.waitall()
-        return trainer
+        return gluon.Trainer(params, self.optimizer, options, kvstore=kvstore, update_on_kvstore=update_on_kvstore)
 
 
 @dataclass(frozen=True)
@@ -71,8 +62,12 @@ class QATSchedule:
     quant_delay: int = 0
     freeze_bn_after: int | None = None
 
+    def quantizing(self, step: int) -> bool:
+        """Whether the quantizers run at `step` (the learned thresholds get gradients only then)."""
+        return step >= self.quant_delay
+
     def apply(self, net, step: int) -> None:
-        if step < self.quant_delay:
+        if not self.quantizing(step):
             net.disable_quantize()
         else:
             net.enable_quantize()
@@ -82,20 +77,23 @@ class QATSchedule:
 
 
 def train_step(net, trainer: gluon.Trainer, data: mx.nd.NDArray, label: mx.nd.NDArray,
-               contexts: Sequence = (mx.cpu(),), loss_fn=None, num_workers: int = 1) -> float:
+               contexts: Sequence = (mx.cpu(),), loss_fn=None, num_workers: int = 1,
+               ignore_stale_grad: bool = False) -> float:
     """One step: `data` (this worker's share of the global batch, `num_workers` equal shares)
     split over `contexts`, forward and backward on each, then the update with the gradient
     summed over contexts and workers and divided by the global batch. With several workers
     the step returns once the update is done: if a worker queues its next steps while the
     others are still busy (MXNet's engine is asynchronous), MXNet 1.9's dist kvstore can
-    deadlock (seen here with gluon.Trainer and dist_sync). Returns this worker's mean loss."""
+    deadlock (seen here with gluon.Trainer and dist_sync). `ignore_stale_grad` lets parameters
+    this step did not use keep their value (learned thresholds while the quantizers are off).
+    Returns this worker's mean loss."""
     loss_fn = loss_fn or gluon.loss.SoftmaxCrossEntropyLoss()
     data_parts = gluon.utils.split_and_load(data, list(contexts), even_split=False)
     label_parts = gluon.utils.split_and_load(label, list(contexts), even_split=False)
     with autograd.record():
         losses = [loss_fn(net(x), y) for x, y in zip(data_parts, label_parts)]
     autograd.backward(losses)
-    trainer.step(data.shape[0] * num_workers)
+    trainer.step(data.shape[0] * num_workers, ignore_stale_grad=ignore_stale_grad)
     if num_workers > 1:  # MXNet 1.9's dist kvstore hangs when a worker queues steps ahead of the others
         mx.nd.waitall()
     return float(sum(loss.sum().asscalar() for loss in losses)) / data.shape[0]
@@ -120,7 +118,8 @@ def fit(net, trainer: gluon.Trainer, epoch_batches: Callable[[int], Iterable], e
         for data, label in itertools.islice(epoch_batches(epoch), steps_per_epoch):
             if schedule is not None:
                 schedule.apply(net, step)
-            train_step(net, trainer, data, label, contexts, num_workers=num_workers)
+            train_step(net, trainer, data, label, contexts, num_workers=num_workers,
+                       ignore_stale_grad=schedule is not None and not schedule.quantizing(step))
             step += 1
             bar.update(1)
         bar.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -209,9 +210,13 @@ def launch(workers: int, *command, timeout: float = 300, **options) -> subproces
     return subprocess.CompletedProcess(job.args, job.returncode, job.stdout.decode(), job.stderr.decode())
 
 
+MXNET_LOG_LINE = re.compile(r"\[\d\d:\d\d:\d\d\] \.\./(src|3rdparty)/")
+
+
 def worker_lines(output: str, rank: int) -> list[str]:
     """The lines a launched worker printed, without their `[worker N] ` prefix, each as a terminal
-    shows it (what follows its last carriage return: progress bars end with one)."""
+    shows it (what follows its last carriage return: progress bars end with one); MXNet's own C++
+    log lines (`[HH:MM:SS] ../src/...`, e.g. "Subgraph backend MKLDNN is activated") left out."""
     prefix = f"[worker {rank}] "
     lines = [line[len(prefix):].split("\r")[-1] for line in output.split("\n") if line.startswith(prefix)]
-    return [line for line in lines if line.strip()]
+    return [line for line in lines if line.strip() and not MXNET_LOG_LINE.match(line)]

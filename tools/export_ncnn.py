@@ -68,8 +68,6 @@ def build_parser():
 
 def run(args) -> int:
     config = config_from_args(args).replace(merge_bn=True, online=False)
-    if args.no_int8 and recovery_from_args(args).active:
-        raise qgraph.ConfigError("--adaround and --bias-correction change the int8 model: drop --no-int8")
     if not args.no_int8:
         deploy.check_config(config)
     options = dict({} if args.ncnn_fp16 else deploy.FLOAT32_OPTIONS, **dict(args.ncnn_option))

@@ -86,7 +86,8 @@ def parse_args(argv=None):
                      help="also write PREFIX-fixed-*: BN folded, weights holding their quantized values")
     add_quant_args(parser)
     add_calib_args(parser)
-    parser.set_defaults(calib_mode="naive", num_sample=100)
+    # QAT keeps calibrated thresholds (learned ones with --learn-thresholds): offline by definition
+    parser.set_defaults(calib_mode="naive", num_sample=100, quantize_input_offline=True)
     flags = parser._option_string_actions
     flags["--calib-mode"].help = "how --qat initialises the input thresholds, which then stay fixed (default: naive)"
     flags["--num-sample"].help = "--qat calibration images per class from the training split (default: 100)"

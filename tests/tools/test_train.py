@@ -124,6 +124,19 @@ def test_resume_continues_a_run_exactly(tmp_path, mode):
     assert checkpoint.load(tmp_path / "resumed-checkpoint.npz").epoch == 2
 
 
+def test_learn_thresholds_trains_the_calibrated_thresholds(tmp_path):
+    """--learn-thresholds starts from the thresholds plain QAT keeps (same calibration) and moves them."""
+    fixed = _run(*QAT, *SHORT, "--out", tmp_path / "ste")
+    learned = _run(*QAT, *SHORT, "--learn-thresholds", "--out", tmp_path / "lsq")
+    assert fixed.returncode == 0 and learned.returncode == 0, fixed.stderr + learned.stderr
+    assert "offline, learned (LSQ)" in learned.stdout + learned.stderr
+    thresholds = [{k: v for k, v in _params(tmp_path / run).items() if k.endswith("_data_threshold")}
+                  for run in ("ste", "lsq")]
+    assert thresholds[0] and thresholds[0].keys() == thresholds[1].keys()
+    assert _max_difference(*thresholds) > 1e-4
+    assert all(float(v.min()) > 0 for v in thresholds[1].values())
+
+
 def _one_process_over_two_contexts(batch_size: int, epochs: int, steps: int) -> dict:
     """What train.py's two dist_sync workers compute, in this process: each step's batch is
     worker 0's batch then worker 1's, split over two contexts, and BatchNorm's running
