@@ -62,7 +62,8 @@ def parse_args(argv=None):
                         help="batch size of each worker; the global batch is this times the workers "
                              "(default: 64 mnist, 128 cifar10)")
     parser.add_argument("--lr", type=float, default=None,
-                        help="peak learning rate, cosine-decayed (default: Adam 0.003 mnist, NAG 0.1 cifar10)")
+                        help="peak learning rate, cosine-decayed (default: Adam 0.003 mnist, NAG 0.1 cifar10; "
+                             "with --qat 0.0003 and 0.01)")
     parser.add_argument("--wd", type=float, default=None, help="weight decay (default: 1e-4 mnist, 5e-4 cifar10)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--out", required=True, help="export prefix, e.g. models/mnist_cnn")
