@@ -93,10 +93,27 @@ def train_step(net, trainer: gluon.Trainer, data: mx.nd.NDArray, label: mx.nd.ND
     with autograd.record():
         losses = [loss_fn(net(x), y) for x, y in zip(data_parts, label_parts)]
     autograd.backward(losses)
+    if num_workers > 1:
+        _broadcast_before_first_update(trainer)
     trainer.step(data.shape[0] * num_workers, ignore_stale_grad=ignore_stale_grad)
     if num_workers > 1:  # MXNet 1.9's dist kvstore hangs when a worker queues steps ahead of the others
         mx.nd.waitall()
     return float(sum(loss.sum().asscalar() for loss in losses)) / data.shape[0]
+
+
+def _broadcast_before_first_update(trainer: gluon.Trainer) -> None:
+    """Copy rank 0's parameters to every worker and wait, before the first update. gluon.Trainer
+    does that broadcast inside its first step(), and MXNet 1.9's dist kvstore does not order the
+    broadcast's pull before the same step's gradient pushpull on the same key: a worker late to
+    pull got the summed gradient as its weights (seen as a flaky two-worker test). Only for
+    update_on_kvstore=False (dist_sync): with the optimizer on the servers (dist_async) the
+    kvstore must not start before step() has set the gradient scale it sends them. Runs after
+    the first forward, so no parameter is still waiting for deferred initialisation."""
+    if trainer._kv_initialized or trainer._kvstore_params["update_on_kvstore"] is not False:
+        return
+    trainer._init_kvstore()
+    trainer._init_params()
+    mx.nd.waitall()
 
 
 def fit(net, trainer: gluon.Trainer, epoch_batches: Callable[[int], Iterable], epochs: int, steps_per_epoch: int,
