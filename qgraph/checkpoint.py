@@ -122,3 +122,6 @@ def restore(checkpoint: Checkpoint, params: Mapping, trainer, settings: Mapping)
         path = Path(folder) / "states"
         path.write_bytes(checkpoint.optimizer)
         trainer.load_states(str(path))
+    # load_states may start a dist kvstore and broadcast the parameters: finish that pull before
+    # the first step's gradient pushpull (MXNet 1.9 does not order the two; see training.train_step)
+    mx.nd.waitall()
