@@ -210,6 +210,14 @@ def launch(workers: int, *command, timeout: float = 300, **options) -> subproces
     return subprocess.CompletedProcess(job.args, job.returncode, job.stdout.decode(), job.stderr.decode())
 
 
+def int8_result(line: str, runtime: str) -> tuple[float, float, float]:
+    """(runtime top-1, simulated top-1, agreement %) from an exporter's last --verify line,
+    `RUNTIME int8 top1 A, simulated top1 B, agreement C%` (qgraph.deploy.workflow.report)."""
+    match = re.fullmatch(rf"{re.escape(runtime)} int8 top1 (\S+), simulated top1 (\S+), agreement (\S+)%", line)
+    assert match, line
+    return tuple(map(float, match.groups()))
+
+
 MXNET_LOG_LINE = re.compile(r"\[\d\d:\d\d:\d\d\] \.\./(src|3rdparty)/")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import mxnet as mx
 import pytest
-from helpers import digest
+from helpers import digest, int8_result
 
 from qgraph.data import mnist_split
 
@@ -29,9 +29,7 @@ def test_int8_export_and_verify_last_line(model, mnist_files, tmp_path, run):
     assert rc == 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["mnist-int8-0000.params", "mnist-int8-symbol.json"]
     lines = stdout.strip().splitlines()
-    match = re.fullmatch(r"mxnet int8 top1 (\S+), simulated top1 (\S+), agreement (\S+)%", lines[-1])
-    assert match, lines[-1]
-    mx_top1, sim_top1, agreement = map(float, match.groups())
+    mx_top1, sim_top1, agreement = int8_result(lines[-1], "mxnet")
     assert agreement >= 98.0 and abs(mx_top1 - sim_top1) <= 1.0
     assert re.fullmatch(r"fp32 MXNet executor \(oneDNN fusion\) vs Gluon: max relative difference \S+ over 16 "
                         r"images \(ok\)", lines[-2])

@@ -8,7 +8,7 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 import pytest
-from helpers import digest
+from helpers import digest, int8_result
 
 from qgraph.data import mnist_split
 from qgraph.deploy import ncnn as deploy
@@ -54,9 +54,7 @@ def test_int8_export_and_verify_last_line(model, mnist_files, tmp_path, run):
     names = sorted(p.name for p in out.parent.iterdir())
     assert names == ["mnist-int8.bin", "mnist-int8.param", "mnist.bin", "mnist.param", "mnist.table"]
     last = stdout.strip().splitlines()[-1]
-    match = re.fullmatch(r"ncnn int8 top1 (\S+), simulated top1 (\S+), agreement (\S+)%", last)
-    assert match, last
-    ncnn_top1, sim_top1, agreement = map(float, match.groups())
+    ncnn_top1, sim_top1, agreement = int8_result(last, "ncnn")
     assert agreement >= 98.0 and abs(ncnn_top1 - sim_top1) <= 1.0
     # the reported ncnn accuracy is the int8 files' accuracy, recomputed here independently
     (_, _), (x_test, y_test) = mnist_split()

@@ -9,7 +9,7 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 import pytest
-from helpers import digest
+from helpers import digest, int8_result
 
 from qgraph.data import mnist_split
 from qgraph.deploy import onnx as deploy
@@ -52,9 +52,7 @@ def test_int8_export_and_verify_last_line(model, mnist_files, tmp_path, run):
     assert rc == 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["mnist-fp32.onnx", "mnist.onnx"]
     lines = stdout.strip().splitlines()
-    match = re.fullmatch(r"onnxruntime int8 top1 (\S+), simulated top1 (\S+), agreement (\S+)%", lines[-1])
-    assert match, lines[-1]
-    ort_top1, sim_top1, agreement = map(float, match.groups())
+    ort_top1, sim_top1, agreement = int8_result(lines[-1], "onnxruntime")
     assert agreement >= 99.0 and abs(ort_top1 - sim_top1) <= 0.5
     assert re.fullmatch(r"QLinearConv [1-4] of 4 convolutions, QGemm 1 of 1 fully connected", lines[-2]), lines[-2]
     # the reported accuracy is the written file's, recomputed here independently

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import int8_result
 
 import qgraph
 
@@ -66,9 +67,7 @@ def test_exports_with_adaround_verify(tool, runtime, model, mnist_files, tmp_pat
         f"{model}-symbol.json", "--out", out, "--calib-data", mnist_files[0], "--calib-mode", "naive", "--adaround",
         "--adaround-iterations", "20", "--verify", "--verify-data", mnist_files[1], "-q"], capsys)
     assert rc == 0, err
-    match = re.fullmatch(rf"{runtime} int8 top1 (\S+), simulated top1 (\S+), agreement (\S+)%",
-                         stdout.strip().splitlines()[-1])
-    assert match and float(match.group(3)) >= 98.0
+    assert int8_result(stdout.strip().splitlines()[-1], runtime)[2] >= 98.0
 
 
 @pytest.mark.parametrize("tool, argv, message", [
