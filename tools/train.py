@@ -90,7 +90,8 @@ def parse_args(argv=None):
     # QAT keeps calibrated thresholds (learned ones with --learn-thresholds): offline by definition
     parser.set_defaults(calib_mode="naive", num_sample=100, quantize_input_offline=True)
     flags = parser._option_string_actions
-    flags["--calib-mode"].help = "how --qat initialises the input thresholds, which then stay fixed (default: naive)"
+    flags["--calib-mode"].help = ("how --qat initialises the input thresholds, which then stay fixed (or are "
+                                  "learned, with --learn-thresholds) (default: naive)")
     flags["--num-sample"].help = "--qat calibration images per class from the training split (default: 100)"
     flags["--calib-data"].help = ("--qat calibration images instead of the training split: a RecordIO .rec, a "
                                   "folder of images, or an .npy/.npz array")
@@ -124,8 +125,7 @@ def build(args, ctx, files, calibrate: bool):
     """A QuantizedNet (--qat; calibrated unless resuming) or a fresh FP32 HybridBlock."""
     if not args.qat:
         return models.trainable_network(args.model, 10, data.dataset_info(args.dataset).input_shape, ctx)
-    net = passes.quantize(qgraph.load_files(*files), config_from_args(args).replace(fake_bn=args.fake_bn,
-                                                                                     online=False), ctx=ctx[0])
+    net = passes.quantize(qgraph.load_files(*files), config_from_args(args).replace(fake_bn=args.fake_bn), ctx=ctx[0])
     logging.info("%s", net.report.format())
     if calibrate:
         thresholds = calibration_from_args(args).run(net, calibration_images(args), progress=False)
