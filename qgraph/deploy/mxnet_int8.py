@@ -83,6 +83,9 @@ def check_config(config) -> None:
         raise ConfigError("oneDNN's reorders round half to even: use --rounding half_even")
     if not config.merge_bn:
         raise ConfigError("MXNet's int8 flow runs BatchNorm folded into the layers: set merge_bn")
+    if config.layer_overrides:
+        raise ConfigError("the MXNet int8 export takes no per-layer settings (QuantConfig.layer_overrides): drop "
+                          "--layer-config")
 
 
 @dataclass

@@ -83,6 +83,9 @@ def check_config(config) -> None:
         raise ConfigError("QuantizeLinear rounds half to even: use --rounding half_even")
     if not config.merge_bn:
         raise ConfigError("the QDQ model has BatchNorm folded into the layers: set merge_bn")
+    if config.layer_overrides:
+        raise ConfigError("the ONNX writer takes no per-layer settings (QuantConfig.layer_overrides): drop "
+                          "--layer-config")
 
 
 def check_ops(graph: Graph) -> None:

@@ -132,7 +132,8 @@ def test_mnist_int8_agrees_with_the_simulation_and_reloads(tmp_path):
                                           (dict(quant_type="layer"), "--quant-type channel"),
                                           (dict(rounding="half_away"), "--rounding half_even"),
                                           (dict(winograd="F43", winograd_mode="full"), "--wino-quantize"),
-                                          (dict(input_bits=6), "--input-bits-width")])
+                                          (dict(input_bits=6), "--input-bits-width"),
+                                          (dict(layer_overrides={"c": {"input_bits": 4}}), "--layer-config")])
 def test_check_config_refuses_what_onednn_does_not_run(changes, flag):
     with pytest.raises(ConfigError, match=flag):
         deploy.check_config(CONFIG.replace(quantize_bias=False, **changes))

@@ -173,7 +173,8 @@ def test_an_op_without_onnx_mapping_names_node_and_op():
                                           (dict(winograd="F23"), "--wino-quantize"),
                                           (dict(weight_bits=4), "--weight-bits-width"),
                                           (dict(rounding="half_away"), "--rounding half_even"),
-                                          (dict(quantize_input=False), "--no-quantize-input")])
+                                          (dict(quantize_input=False), "--no-quantize-input"),
+                                          (dict(layer_overrides={"c": {"input_bits": 4}}), "--layer-config")])
 def test_check_config_refuses_what_qdq_cannot_state(changes, flag):
     with pytest.raises(ConfigError, match=flag):
         deploy.check_config(CONFIG.replace(quantize_bias=False, **changes))
