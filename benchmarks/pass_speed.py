@@ -3,7 +3,7 @@
 
 For each model (random weights; exported once to a temporary folder, outside the timing):
 load the exported files -> fold_bn -> insert_fake_quant (with exclude, as the default pipeline
-runs it) -> emit the evaluation form of QuantizedNet's graph, each step timed on its own, the
+runs it) -> emit the evaluation form of QuantizedNet's graph (up to the MXNet Symbol it runs), each step timed on its own, the
 median of `--repeats` runs after one warm-up run. The PassManager runs with its default check
 (Graph.lint after every pass). Prints each model's node count and milliseconds per step, the
 time per 100 nodes, and last `pass pipeline ms per 100 nodes: X (max over models)`.
@@ -14,6 +14,7 @@ time per 100 nodes, and last `pass pipeline ms per 100 nodes: X (max over models
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -69,7 +70,7 @@ def run_once(prefix: str) -> dict:
                                        {s.threshold: rewritten.params[s.threshold] for s in inputs})
     thresholds = {s.layer: 1.0 for s in inputs}
     emission = emit(float_graph, [s for s in specs if s.kind == "weight"], inputs, Mode(), thresholds)
-    emission.graph.to_json()
+    emission.graph.to_symbol()  # what QuantizedNet builds its SymbolBlock from
     times["emit"] = time.perf_counter() - start
     times["nodes"] = len(graph)
     return times
@@ -84,6 +85,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="qgraph-pass-speed-") as folder:
         for name in args.models.split(","):
             prefix = export(name, folder)
+            gc.collect()
+            gc.freeze()  # as the tools do (qgraph.cli): the collector skips the libraries' objects
             run_once(prefix)  # warm-up: MXNet's operator registry, the op_check probe cache
             runs = [run_once(prefix) for _ in range(args.repeats)]
             median = {step: float(np.median([r[step] for r in runs])) for step in STEPS}

@@ -1,8 +1,9 @@
 """fold_bn: Convolution|Deconvolution|FullyConnected -> BatchNorm  =>  the layer with folded weight and bias.
 
 With s = gamma / sqrt(running_var + eps) (gamma = 1 when fix_gamma), the layer's weight
-becomes W * s per output channel and its bias (b - running_mean) * s + beta, computed in
-float64 and stored in the weight's dtype (qgraph.folding). Inference statistics only: this
+becomes W * s per output channel (s rounded to the weight's dtype and multiplied in it, as the
+runtimes fold) and its bias (b - running_mean) * s + beta, computed in float64 and stored in the
+weight's dtype (qgraph.folding). Inference statistics only: this
 is the deploy-time fold, not QAT's fake BatchNorm. A fake-BN layer (passes/fake_bn.py),
 whose weight is already folded and then unfolded, conv(x, F / s) with F = W * s (or
 Q(W * s)), gets F back as its weight, unchanged. Folding twice is a no-op. With
@@ -60,7 +61,7 @@ def _rewrite_pair(graph: Graph, layer: str, bn: str) -> None:
         weight_name = inputs[1].node
         weight = graph.params[weight_name]
         dtype = weight.dtype
-        new_weight = scaled_weight(op, weight, scale, A.get_int(attrs, "num_group", 1, layer)).astype(dtype)
+        new_weight = scaled_weight(op, weight, scale, A.get_int(attrs, "num_group", 1, layer))
         new_weight_name = _owned_param(graph, weight_name, layer, new_weight)
         if new_weight_name != weight_name:
             graph.set_input(layer, 1, new_weight_name)

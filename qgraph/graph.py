@@ -15,6 +15,11 @@ from the operators (MXNet's list_auxiliary_states), never stored.
 which checks that the tensors it references exist and raises GraphError naming them.
 `lint()` checks the structure in pure Python; `verify()` adds MXNet's operator and
 shape checks. Loading and saving files and blocks lives in qgraph.io.
+
+The verbs read networkx's adjacency dicts (`_node`, `_succ`, `_pred`) rather than its views:
+the views cost more than the work, and a graph whose cached views were touched is a
+reference cycle, left for the cyclic garbage collector, whose full collections over these
+many small dicts were a third of the pass pipeline's time on large models.
 """
 from __future__ import annotations
 
@@ -108,10 +113,10 @@ class Graph:
         else:
             graph.input_names = list(input_names)
         graph.check_params(params_source or source)
-        try:
-            graph.to_symbol()  # let MXNet validate ops and attributes now, not at first use
-        except GraphError as err:
-            raise GraphError(f"{source}: {err}") from None
+        try:  # let MXNet validate ops and attributes now, not at first use (the text, not a re-encoding)
+            mx.sym.load_json(text)
+        except mx.base.MXNetError as err:
+            raise GraphError(f"{source}: MXNet rejects the graph: {mxnet_error_line(err)}") from None
         return graph
 
     def _read_doc(self, doc, source: str) -> None:
@@ -189,14 +194,15 @@ class Graph:
                     continue
                 # fused oneDNN ops carry their body as a subgraph, which a bare probe cannot
                 # build: only for them is an unknown arity accepted
-                has_body = bool(self.nx.nodes[name]["extra"].get("subgraphs"))
-                counted = check_node(name, self.op(name), self.attrs(name), self.nx.in_degree(name),
+                has_body = bool(self.nx._node[name]["extra"].get("subgraphs"))
+                counted = check_node(name, self.op(name), self.attrs(name), self._in_degree(name),
                                      unknown_ok=has_body)
                 if counted is not None:
                     outputs[name] = counted
         except GraphError as err:
             raise GraphError(f"{source}: {err}") from None
-        reads = [(dst, d["index"], src) for src, dst, d in self.nx.edges(data=True)]
+        reads = [(dst, d["index"], src) for src, targets in self.nx._succ.items()
+                 for dst, keyed in targets.items() for d in keyed.values()]
         reads += [("the graph outputs", ref.index, ref.node) for ref in self._outputs]
         for reader, index, producer in reads:
             if self.op(producer) != "null" and producer not in outputs:
@@ -259,11 +265,18 @@ class Graph:
 
     def copy(self) -> "Graph":
         other = Graph()
-        other.nx = self.nx.copy()
-        for name in other.nx:
-            data = other.nx.nodes[name]
-            data["attrs"] = dict(data["attrs"])
-            data["extra"] = _copy.deepcopy(data["extra"])
+        other.nx.graph.update(self.nx.graph)
+        # built on networkx's adjacency dicts as MultiDiGraph.copy() builds them (successor order,
+        # one key dict shared by _succ[u][v] and _pred[v][u]), at a third of its cost
+        nodes, successors, predecessors = other.nx._node, other.nx._succ, other.nx._pred
+        for name, data in self.nx._node.items():
+            nodes[name] = {**data, "attrs": dict(data["attrs"]),
+                           "extra": _copy.deepcopy(data["extra"]) if data["extra"] else {}}
+            successors[name], predecessors[name] = {}, {}
+        for src, targets in self.nx._succ.items():
+            out = successors[src]
+            for dst, keyed in targets.items():
+                out[dst] = predecessors[dst][src] = {key: dict(d) for key, d in keyed.items()}
         other._outputs = list(self._outputs)
         other._params = dict(self._params)  # arrays are replaced by set_param, never mutated in place
         other.input_names = list(self.input_names)
@@ -299,15 +312,16 @@ class Graph:
 
     def topo_order(self) -> list[str]:
         """Node names in topological order, ties broken by insertion order (so an unedited graph
-        keeps its JSON order). Cached until the next structural edit."""
-        key = (self._edits, self.nx.number_of_nodes(), self.nx.number_of_edges())
+        keeps its JSON order). Cached until the next structural edit (lint() sorts afresh, for
+        edits made behind the verbs' back)."""
+        key = (self._edits, self.nx.number_of_nodes())
         if self._order is None or self._order[0] != key:
             self._order = (key, self._sorted())
         return list(self._order[1])
 
     def _sorted(self) -> list[str]:
         rank = {name: i for i, name in enumerate(self.nx)}
-        pending = {name: degree for name, degree in self.nx.in_degree()}
+        pending = {name: self._in_degree(name) for name in rank}
         ready = [(rank[n], n) for n, degree in pending.items() if degree == 0]
         heapq.heapify(ready)
         order = []
@@ -324,18 +338,23 @@ class Graph:
             raise GraphError(f"graph has a cycle through {[edge[0] for edge in cycle]}")
         return order
 
+    def _in_degree(self, name: str) -> int:
+        return sum(len(keyed) for keyed in self.nx._pred[name].values())
+
     def inputs(self, name: str) -> list[TensorRef]:
         """The tensors feeding `name`, ordered by input slot."""
         self._need(name)
-        edges = sorted(self.nx.in_edges(name, data=True), key=lambda e: e[2]["slot"])
-        return [TensorRef(src, d["index"], d["version"]) for src, _, d in edges]
+        # networkx's edge views cost more than the sort; the adjacency dicts are read directly
+        edges = sorted((d["slot"], src, d["index"], d["version"])
+                       for src, keyed in self.nx._pred[name].items() for d in keyed.values())
+        return [TensorRef(src, index, version) for _, src, index, version in edges]
 
     def consumers(self, tensor) -> list[tuple[str, int]]:
         """(consumer, slot) pairs reading `tensor` (a node name means its output 0)."""
         ref = _as_ref(tensor)
         self._need(ref.node)
-        return sorted((dst, d["slot"]) for _, dst, d in self.nx.out_edges(ref.node, data=True)
-                      if d["index"] == ref.index)
+        return sorted((dst, d["slot"]) for dst, keyed in self.nx._succ[ref.node].items()
+                      for d in keyed.values() if d["index"] == ref.index)
 
     def is_graph_output(self, tensor) -> bool:
         ref = _as_ref(tensor)
@@ -421,14 +440,14 @@ class Graph:
 
     def set_attr(self, name: str, key: str, value) -> None:
         self._need(name)
-        self.nx.nodes[name]["attrs"][key] = str(value)
+        self.nx._node[name]["attrs"][key] = str(value)
 
     def set_input(self, name: str, slot: int, tensor) -> None:
         """Make slot `slot` of `name` read `tensor` instead of what it reads now."""
         ref = _as_ref(tensor)
         self._need(name)
         self._need(ref.node, "input tensor")
-        doomed = [(src, key) for src, _, key, d in self.nx.in_edges(name, keys=True, data=True)
+        doomed = [(src, key) for src, keyed in self.nx._pred[name].items() for key, d in keyed.items()
                   if d["slot"] == slot]
         if not doomed:
             raise GraphError(f"node '{name}' has no input in slot {slot}")
@@ -442,7 +461,7 @@ class Graph:
         ref = _as_ref(tensor)
         self._need(name)
         self._need(ref.node, "input tensor")
-        slot = self.nx.in_degree(name)
+        slot = self._in_degree(name)
         self.nx.add_edge(ref.node, name, index=ref.index, slot=slot, version=ref.version)
         self._edits += 1
         return slot
@@ -485,7 +504,7 @@ class Graph:
         """Every use of output i of `old` reads output i of `new`; `old` and its dead inputs go."""
         self._need(old)
         self._need(new, "replacement node")
-        indices = {d["index"] for _, _, d in self.nx.out_edges(old, data=True)}
+        indices = {d["index"] for keyed in self.nx._succ[old].values() for d in keyed.values()}
         indices |= {o.index for o in self._outputs if o.node == old}
         for index in sorted(indices):
             self.replace_all_uses(TensorRef(old, index), TensorRef(new, index))
@@ -495,7 +514,7 @@ class Graph:
     def remove_node(self, name: str) -> None:
         """Remove a node nobody reads; a variable's value goes with it."""
         self._need(name)
-        users = sorted({dst for _, dst in self.nx.out_edges(name)})
+        users = sorted(self.nx._succ[name])
         if users or any(o.node == name for o in self._outputs):
             raise GraphError(f"cannot remove '{name}': still read by {users or ['the graph outputs']}")
         self.nx.remove_node(name)
@@ -506,10 +525,13 @@ class Graph:
 
     def cleanup(self) -> "Graph":
         """Drop every node the outputs do not depend on (keeps graph inputs)."""
-        live = set()
-        for ref in self._outputs:
-            live.add(ref.node)
-            live |= nx.ancestors(self.nx, ref.node)
+        live = {ref.node for ref in self._outputs}
+        frontier, predecessors = list(live), self.nx._pred
+        while frontier:
+            for src in predecessors[frontier.pop()]:
+                if src not in live:
+                    live.add(src)
+                    frontier.append(src)
         for name in [n for n in self.nx if n not in live and n not in self.input_names]:
             self.nx.remove_node(name)
             self._params.pop(name, None)
@@ -535,18 +557,23 @@ class Graph:
         node's input slots are 0..n-1 once each, variables have no inputs and are read at
         output 0, outputs exist, and parameters and inputs are variables (every variable
         is one or the other, never both). Raises GraphError naming the node, returns self."""
-        self._sorted()  # afresh: the structure may have been changed behind the verbs' back
-        for name, data in self.nx.nodes(data=True):
+        order = self._sorted()  # afresh: the structure may have been changed behind the verbs' back
+        self._order = ((self._edits, self.nx.number_of_nodes()), order)
+        node_data, predecessors = self.nx._node, self.nx._pred
+        for name, data in node_data.items():
             if "op" not in data:
                 raise GraphError(f"node '{name}' was created without an op (an edge to a missing node?)")
-            slots = sorted(d["slot"] for _, _, d in self.nx.in_edges(name, data=True))
+            slots = sorted(d["slot"] for keyed in predecessors[name].values() for d in keyed.values())
             if slots != list(range(len(slots))):
                 raise GraphError(f"node '{name}': input slots {slots} are not 0..{len(slots) - 1} once each")
             if data["op"] == "null" and slots:
                 raise GraphError(f"variable '{name}' has inputs")
-        for src, dst, d in self.nx.edges(data=True):
-            if self.op(src) == "null" and d["index"] != 0:
-                raise GraphError(f"node '{dst}' reads output {d['index']} of variable '{src}', which has one")
+        for dst, incoming in predecessors.items():
+            for src, keyed in incoming.items():
+                for d in keyed.values():
+                    if node_data[src]["op"] == "null" and d["index"] != 0:
+                        raise GraphError(f"node '{dst}' reads output {d['index']} of variable '{src}', "
+                                         "which has one")
         if not self._outputs:
             raise GraphError("graph has no outputs")
         for ref in self._outputs:

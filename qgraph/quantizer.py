@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -100,14 +100,18 @@ class FakeQuantSpec:
         return signed_levels(self.bits) if self.signed else unsigned_levels(self.bits)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        # dataclasses.asdict deep-copies every field; the fields are flat, so read them directly
+        return json.dumps({name: getattr(self, name) for name in _SPEC_FIELDS}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "FakeQuantSpec":
-        fields = json.loads(text)
+        values = json.loads(text)
         for key in ("reshape", "axes", "shape"):
-            fields[key] = tuple(fields[key])
-        return cls(**fields)
+            values[key] = tuple(values[key])
+        return cls(**values)
+
+
+_SPEC_FIELDS = tuple(f.name for f in fields(FakeQuantSpec))
 
 
 def _builder(graph: Graph, spec: FakeQuantSpec) -> NodeBuilder:

@@ -72,6 +72,17 @@ def test_scaled_weight_per_output_channel_for_every_layout():
             np.testing.assert_allclose(got[c_in, j], deconv[c_in, j] * scale[group * 3 + j])
 
 
+def test_scaled_weight_multiplies_in_the_weight_dtype_by_the_rounded_scale():
+    rng = np.random.default_rng(1)
+    scale = rng.uniform(0.01, 3.0, 8)
+    weight = rng.standard_normal((8, 5, 3, 3)).astype(np.float32)
+    got = folding.scaled_weight("Convolution", weight, scale, 1)
+    assert got.dtype == np.float32
+    assert np.array_equal(got, weight * scale.astype(np.float32)[:, None, None, None])
+    exact = weight.astype(np.float64) * scale[:, None, None, None]
+    np.testing.assert_allclose(got, exact, rtol=2.5e-7)  # two float32 roundings at most
+
+
 def test_channel_axis():
     fc = S.FullyConnected(S.var("data"), num_hidden=3, flatten=False, name="fc")
     graph = qgraph.Graph.from_json(fc.tojson(), init_params(fc, {"data": (2, 5)}), input_names=["data"])

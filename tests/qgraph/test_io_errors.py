@@ -206,3 +206,25 @@ def test_failed_save_leaves_existing_files_alone(saved, small):
     with pytest.raises(GraphError, match="NoSuchOperator"):
         qgraph.save(graph, saved)
     assert _snapshot(saved.parent) == before
+
+
+def test_params_reader_agrees_with_mxnet_for_every_dtype_and_layout(tmp_path):
+    """qgraph reads dense .params files with numpy alone; the values, dtypes and shapes must be
+    mx.nd.load's, for files MXNet writes with and without numpy shape semantics."""
+    rng = np.random.default_rng(0)
+    arrays = {"arg:w32": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+              "arg:w64": rng.standard_normal((5, 2)), "aux:half": rng.standard_normal(7).astype(np.float16),
+              "arg:u8": np.arange(6, dtype=np.uint8).reshape(2, 3), "arg:i32": np.arange(-3, 3, dtype=np.int32),
+              "arg:i8": np.arange(-4, 4, dtype=np.int8), "arg:i64": np.arange(5, dtype=np.int64),
+              "arg:one": np.float32([2.5]), "arg:big": rng.standard_normal((3, 1, 1, 2, 2)).astype(np.float32)}
+    path = tmp_path / "m-0000.params"
+    for numpy_shapes in (False, True):
+        with mx.util.np_shape(numpy_shapes):
+            mx.nd.save(str(path), {k: mx.nd.array(v, dtype=v.dtype) for k, v in arrays.items()})
+            reference = {k: v.asnumpy() for k, v in mx.nd.load(str(path)).items()}
+        fast = qgraph.io._read_dense_params(path)
+        assert fast is not None
+        assert fast.keys() == reference.keys()
+        for key, value in reference.items():
+            assert fast[key].dtype == value.dtype and np.array_equal(fast[key], value), key
+        assert read_params(path)["w32"].flags.writeable
