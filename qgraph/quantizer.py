@@ -33,7 +33,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from . import attrs as A
-from . import winograd
+from . import native, winograd
 from .errors import GraphError
 from .graph import Graph, NodeBuilder, TensorRef
 from .signs import is_non_negative
@@ -270,6 +270,8 @@ def add_input_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True,
     node = _builder(graph, spec)
     x = graph.inputs(spec.layer)[spec.slot]
     if threshold_value is not None and not spec.online:
+        if native.available():
+            return _add_fused_input_fake_quant(graph, node, spec, x, threshold_value, data_shape, ste), None
         if not ste and data_shape is not None and reorder_exact(spec, threshold_value):
             return _add_reorder_input_fake_quant(graph, node, spec, x, threshold_value, data_shape), None
         return _add_baked_input_fake_quant(graph, node, spec, x, threshold_value, ste), None
@@ -347,21 +349,44 @@ def _round(node: NodeBuilder, value: TensorRef, rounding: str, ste: bool, non_ne
     return node("elemwise_add", "round_ste", [value, delta])
 
 
+def _add_fused_input_fake_quant(graph: Graph, node: NodeBuilder, spec: FakeQuantSpec, x: TensorRef,
+                                threshold: float, data_shape: tuple | None, ste: bool) -> str:
+    """Q(x) with a baked threshold as one fused operator (qgraph.native): the arithmetic of
+    _add_baked_input_fake_quant in one pass, forward and backward, for training and evaluation.
+    In the evaluation form (`data_shape` known) x is first copied out of oneDNN's blocked layout
+    by an operator of the graph: an extension operator given a blocked tensor converts it into
+    memory outside the static allocation, which grew peak memory several times over."""
+    step = np.float32(threshold) / np.float32(spec.levels)
+    if not ste and data_shape is not None:
+        x = node("transpose", "plain", [x], axes=tuple(range(len(data_shape))))
+    quantized = node(native.FAKE_QUANT_OP, "fused", [x], lower=-float(threshold) if spec.signed else 0.0,
+                     upper=float(threshold), scale=float(np.maximum(step, np.float32(MIN_SCALE))),
+                     step=float(step), rounding=spec.rounding)
+    graph.set_input(spec.layer, spec.slot, quantized)
+    return _tag_exit(graph, quantized, spec)
+
+
 def _add_baked_input_fake_quant(graph: Graph, node: NodeBuilder, spec: FakeQuantSpec, x: TensorRef,
                                 threshold: float, ste: bool) -> str:
-    """Q(x) with the threshold as scalar attributes. The training form is BlockGrad(Q) + (c -
-    BlockGrad(c)), c = x clipped to [lo * s, T]: exactly Q forward, and the gradient's only
-    pass is the clip's mask (straight through the round, as in the chain form, whose backward
-    runs three scalar operators' backward passes instead)."""
+    """Q(x) = round(c / s) * s with c = clip(x, -T or 0, T), the contract's order, the threshold
+    as scalar attributes. The training form is c + BlockGrad(Q - c): exactly Q forward (Q and c
+    lie within a factor 2 of each other or Q is 0, so Q - c is exact in float32), and the
+    gradient's only pass is the clip's mask. Clipping x rather than x / s, and this residual
+    form rather than BlockGrad(Q) + (c - BlockGrad(c)), take one pass over the activation
+    out of the forward and a subtraction's out of the backward."""
     step = np.float32(threshold) / np.float32(spec.levels)  # the graph form's float32 arithmetic
     scale = float(np.maximum(step, np.float32(MIN_SCALE)))
-    integers = _integers(graph, node, spec, node("_div_scalar", "div", [x], scalar=scale), x, False)
+    clipped = x
+    if spec.signed or not is_non_negative(graph, x):  # after a ReLU the lower clip is a no-op
+        clipped = node("_maximum_scalar", "x_lower", [clipped], scalar=-float(threshold) if spec.signed else 0.0)
+    clipped = node("_minimum_scalar", "x_upper", [clipped], scalar=float(threshold))
+    integers = _round(node, node("_div_scalar", "div", [clipped], scalar=scale), spec.rounding, False,
+                      non_negative=not spec.signed)
     quantized = node("_mul_scalar", "dequant", [integers], scalar=float(step))
-    if ste:
-        clipped = x
-        if spec.signed or not is_non_negative(graph, x):
-            clipped = node("_maximum_scalar", "x_lower", [clipped], scalar=-float(threshold) if spec.signed else 0.0)
-        clipped = node("_minimum_scalar", "x_upper", [clipped], scalar=float(threshold))
+    if ste and step >= np.float32(MIN_SCALE):
+        residual = node("BlockGrad", "residual", [node("elemwise_sub", "residual_diff", [quantized, clipped])])
+        quantized = node("elemwise_add", "ste", [clipped, residual])
+    elif ste:  # a floored step: Q need not lie near c, so Q - c may round
         quantized = _straight_through(node, clipped, quantized, True)
     graph.set_input(spec.layer, spec.slot, quantized)
     return _tag_exit(graph, quantized, spec)
@@ -394,6 +419,13 @@ def _add_plain_online_fake_quant(graph: Graph, node: NodeBuilder, spec: FakeQuan
     """The evaluation form with the batch's threshold: the threshold comes from x in its own
     (oneDNN) layout, the rest runs on one plain 2-D copy of x, so no operator converts layouts."""
     threshold = online_threshold(graph, node, spec, x)
+    if native.available():
+        _scale(node, threshold, spec.levels)  # the step node `<id>_step` an integer bias reads
+        plain = node("transpose", "plain", [x], axes=tuple(range(len(shape))))
+        quantized = node(native.ONLINE_FAKE_QUANT_OP, "fused", [plain, threshold], levels=spec.levels,
+                         signed=int(spec.signed), min_scale=MIN_SCALE, rounding=spec.rounding)
+        graph.set_input(spec.layer, spec.slot, quantized)
+        return _tag_exit(graph, quantized, spec), threshold
     scale = _scale(node, threshold, spec.levels)
     step = TensorRef(f"{spec.id}_step")
     plain = node("Reshape", "flat", [node("transpose", "plain", [x], axes=tuple(range(len(shape))))], shape=(0, -1))

@@ -80,3 +80,19 @@ def tiny_graph(tiny):
     return graph_of(tiny)
 
 
+
+
+@pytest.fixture(params=["fused", "chain"])
+def input_form(request, monkeypatch):
+    """Runs a test with the input quantizers as qgraph's fused operators (qgraph.native) and as
+    MXNet operator chains (QGRAPH_NATIVE=0): the two must agree everywhere."""
+    if request.param == "fused":
+        from qgraph import native
+
+        if not native.available():
+            if os.environ.get("CI"):
+                pytest.fail("qgraph's fused operators did not build on CI (is g++ installed?)")
+            pytest.skip("qgraph's fused operators are unavailable here (no C++ compiler?)")
+    else:
+        monkeypatch.setenv("QGRAPH_NATIVE", "0")
+    return request.param

@@ -48,13 +48,14 @@ def test_training_form_is_straight_through_and_evaluation_form_is_not(net):
     assert "BlockGrad" not in _ops(_emit(net, Mode()).graph)
 
 
-def test_offline_thresholds_are_parameters_or_constants(net):
+def test_offline_thresholds_are_parameters_or_constants(net, input_form):
     params = _emit(net, Mode(weights=False)).graph
     assert all(s.threshold in params.params for s in net.input_specs)
     thresholds = {s.layer: 2.0 + i for i, s in enumerate(net.input_specs)}
     baked = _emit(net, Mode(weights=False), thresholds).graph
     assert not any(s.threshold in baked.params for s in net.input_specs)
-    scales = sorted(float(baked.attrs(n)["scalar"]) for n in baked.nodes() if n.endswith("_data_fq_dequant"))
+    suffix, attr = ("_data_fq_fused", "step") if input_form == "fused" else ("_data_fq_dequant", "scalar")
+    scales = sorted(float(baked.attrs(n)[attr]) for n in baked.nodes() if n.endswith(suffix))
     expected = sorted(float(np.float32(t) / np.float32(s.levels)) for s, t in zip(net.input_specs, thresholds.values()))
     assert scales == pytest.approx(expected)
 

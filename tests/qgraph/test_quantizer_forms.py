@@ -1,5 +1,6 @@
 """Every form of the input quantizer gives the contract's integers, ties included, for both
-roundings: the evaluation form on oneDNN's reorders (baked threshold, known shape), the
+roundings, as qgraph's fused operators and as MXNet operator chains (the `input_form` fixture):
+the evaluation form on oneDNN's reorders (baked threshold, known shape), the
 evaluation form with batch (online) thresholds, the parameter-threshold form and the training
 (straight-through) form, at 2, 4, 8 and 16 bits, signed and unsigned, on a tensor in oneDNN's
 layout (the output of a convolution) as the quantizer meets it in a model.
@@ -53,11 +54,12 @@ def _net(bits, signed, rounding, online):
     return passes.quantize(graph, config)
 
 
-def _run(net, mode, x, thresholds=None, input_shapes=None, training=False, expect_reorder=None):
+def _run(net, mode, x, thresholds=None, input_shapes=None, training=False, expect_op=None):
     emission = emit(net.current_float_graph(), net.weight_specs, net.input_specs, mode, thresholds, input_shapes)
     graph = emission.graph
-    if expect_reorder is not None:
-        assert ("_contrib_quantize_v2" in [graph.op(n) for n in graph.nodes()]) is expect_reorder
+    if expect_op is not None:
+        op, expected = expect_op
+        assert (op in [graph.op(n) for n in graph.nodes()]) is expected
     exit_node = graph.inputs("layer")[0].node
     graph.set_outputs(["pre", exit_node]).cleanup()
     block = qgraph.to_block(graph)
@@ -74,19 +76,23 @@ def _run(net, mode, x, thresholds=None, input_shapes=None, training=False, expec
 @pytest.mark.parametrize("rounding", ["half_away", "half_even"])
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("bits", [2, 4, 8, 16])
-def test_offline_forms_give_the_contract(bits, signed, rounding):
+def test_offline_forms_give_the_contract(bits, signed, rounding, input_form):
     T = 3.7
     net = _net(bits, signed, rounding, online=False)
     net.set_thresholds({"layer": T})
     x = tie_heavy(T, bits, signed)
     expected = reference(x, T, bits, signed, rounding)
     thresholds = {"layer": T}
+    fused = input_form == "fused"
     forms = {
         "reorder evaluation": dict(mode=Mode(weights=False), thresholds=thresholds, input_shapes={"data": SHAPE},
-                                   expect_reorder=bits <= 8),
-        "scalar evaluation": dict(mode=Mode(weights=False), thresholds=thresholds),
+                                   expect_op=("qgraph_fake_quant", True) if fused else
+                                   ("_contrib_quantize_v2", bits <= 8)),
+        "scalar evaluation": dict(mode=Mode(weights=False), thresholds=thresholds,
+                                  expect_op=("qgraph_fake_quant", fused)),
         "parameter threshold": dict(mode=Mode(weights=False)),
-        "training": dict(mode=Mode(weights=False, training=True), thresholds=thresholds, training=True),
+        "training": dict(mode=Mode(weights=False, training=True), thresholds=thresholds, training=True,
+                         expect_op=("qgraph_fake_quant", fused)),
         "training, parameter": dict(mode=Mode(weights=False, training=True), training=True),
     }
     for name, form in forms.items():
@@ -98,19 +104,21 @@ def test_offline_forms_give_the_contract(bits, signed, rounding):
 @pytest.mark.parametrize("rounding", ["half_away", "half_even"])
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_online_forms_give_the_contract_with_the_batch_threshold(bits, signed, rounding):
+def test_online_forms_give_the_contract_with_the_batch_threshold(bits, signed, rounding, input_form):
     net = _net(bits, signed, rounding, online=True)
     x = tie_heavy(2.5, bits, signed, seed=1)
     T = float(np.abs(x).max() if signed else max(x.max(), 0))
     expected = reference(x, T, bits, signed, rounding)
-    for mode, shapes, training in ((Mode(weights=False, online=True), {"data": SHAPE}, False),
-                                   (Mode(weights=False, online=True), None, False),
-                                   (Mode(weights=False, online=True, training=True), None, True)):
-        np.testing.assert_array_equal(_run(net, mode, x, input_shapes=shapes, training=training), expected)
+    fused = ("qgraph_fake_quant_online", input_form == "fused")
+    for mode, shapes, training, expect_op in ((Mode(weights=False, online=True), {"data": SHAPE}, False, fused),
+                                              (Mode(weights=False, online=True), None, False, None),
+                                              (Mode(weights=False, online=True, training=True), None, True, None)):
+        got = _run(net, mode, x, input_shapes=shapes, training=training, expect_op=expect_op)
+        np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize("signed", [False, True])
-def test_ties_round_as_configured(signed):
+def test_ties_round_as_configured(signed, input_form):
     """At exact ties the two roundings differ: 2.5 steps -> 3 (half away) or 2 (half even)."""
     T = 127.0 if signed else 255.0  # step 1: x is v itself
     x = np.resize(np.array([0.5, 1.5, 2.5, 3.5, -0.5, -1.5, -2.5], F32), int(np.prod(SHAPE))).reshape(SHAPE)
@@ -125,7 +133,7 @@ def test_ties_round_as_configured(signed):
         assert even.ravel()[first].tolist() == [0, 2, 2, 4, 0, 0, 0]
 
 
-def test_a_zero_threshold_gives_zeros_in_every_form():
+def test_a_zero_threshold_gives_zeros_in_every_form(input_form):
     net = _net(8, False, "half_away", online=False)
     x = tie_heavy(1.0, 8, False)
     for shapes in ({"data": SHAPE}, None):

@@ -1,0 +1,95 @@
+"""qgraph's fused operators for MXNet: C++ sources beside this module (qgraph/native/*.cc), built
+with the system's C++ compiler on first use and loaded with mx.library.load.
+
+`qgraph_fake_quant` replaces the chain of scalar operators of an input quantizer with a baked
+threshold (six passes over the activation forward, two backward) by one pass each way, with
+the same float32 arithmetic and so the same values, ties included; `qgraph_fake_quant_online`
+does the same for the evaluation form with the batch's threshold. The library is cached per
+source, MXNet and CPU (it is built for the CPU it runs on) under $QGRAPH_CACHE_DIR, else
+$XDG_CACHE_HOME/qgraph, else ~/.cache/qgraph. Without a compiler, or with QGRAPH_NATIVE=0,
+`available()` is False and the quantizer emits the operator chains instead: same values, slower.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import mxnet as mx
+
+log = logging.getLogger(__name__)
+
+FAKE_QUANT_OP = "qgraph_fake_quant"
+ONLINE_FAKE_QUANT_OP = "qgraph_fake_quant_online"
+SOURCES = (Path(__file__).resolve().parent / "native" / "fake_quant.cc",)
+_MXNET = Path(mx.__file__).resolve().parent
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17")
+
+_state: dict = {}  # "loaded": bool once tried, "reason": why not
+
+
+def available() -> bool:
+    """Whether the fused operators are loaded (building them first if needed). False when
+    QGRAPH_NATIVE=0, or when building or loading failed (warned once, with the reason)."""
+    if os.environ.get("QGRAPH_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if "loaded" not in _state:
+        try:
+            mx.library.load(str(library_path() if library_path().is_file() else build()), False)
+            _state["loaded"] = True
+        except (OSError, subprocess.SubprocessError, mx.base.MXNetError) as err:
+            _state.update(loaded=False, reason=str(err).strip().splitlines()[-1] if str(err).strip() else repr(err))
+            warnings.warn(f"qgraph: fused operators unavailable ({_state['reason']}); "
+                          "using MXNet operator chains (same values, slower)", RuntimeWarning, stacklevel=2)
+    return _state["loaded"]
+
+
+def library_path() -> Path:
+    """Where the library for these sources, this MXNet and this CPU is (or will be) cached."""
+    digest = hashlib.sha256()
+    for path in SOURCES + (_MXNET / "include" / "mxnet" / "lib_api.h", _MXNET / "src" / "lib_api.cc"):
+        digest.update(path.read_bytes())
+    digest.update(" ".join((mx.__version__, platform.machine(), _cpu_flags()) + _FLAGS).encode())
+    root = os.environ.get("QGRAPH_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qgraph"
+    return Path(root) / f"native-{digest.hexdigest()[:16]}" / "libqgraph_ops.so"
+
+
+def build() -> Path:
+    """Compile the sources into library_path() (written atomically: concurrent builds are safe)."""
+    target = library_path()
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise OSError("no C++ compiler (g++ or $CXX) found")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(handle)
+    command = [compiler, *_FLAGS, f"-I{_MXNET / 'include'}", *map(str, SOURCES), str(_MXNET / "src" / "lib_api.cc"),
+               "-o", temporary]
+    log.info("building qgraph's fused operators: %s", " ".join(command))
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            raise OSError(f"{Path(compiler).name} failed: {result.stderr.strip().splitlines()[-1:] or result.returncode}")
+        os.chmod(temporary, 0o755)
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return target
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (the library is built with -march=native)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return hashlib.sha256(line.encode()).hexdigest()[:16]
+    except OSError:
+        pass
+    return platform.processor()

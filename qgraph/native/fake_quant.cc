@@ -1,0 +1,242 @@
+// qgraph's fused fake-quant operators for MXNet (loaded with mx.library.load).
+//
+// qgraph_fake_quant(x; lower, upper, scale, step, rounding) computes, element by element and in
+// float32 exactly as the chain of MXNet scalar operators it replaces:
+//     c = min(max(x, lower), upper);  n = round(c / scale);  y = n * step
+// with round half away from zero ("half_away", MXNet's round) or half to even ("half_even").
+// Its gradient is the straight-through estimator's: dy/dx = 1 where lower <= x <= upper, else 0.
+// One pass over the activation forward and one backward, where the operator chain takes six
+// and two.
+//
+// qgraph_fake_quant_online(x, t; levels, signed, min_scale, rounding) is the evaluation form with
+// the threshold T = t[0] computed in the graph (from the batch), as its operator chain does it:
+//     step = T / levels;  scale = max(step, min_scale);
+//     n = round(min(max(x / scale, signed ? -levels : 0), levels));  y = n * step
+// Its gradient is zero, as the evaluation chain's (MXNet's round has none); training with batch
+// thresholds keeps the operator chain.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <omp.h>
+
+#include "mxnet/lib_api.h"
+
+using namespace mxnet::ext;
+
+namespace {
+
+// MXNet runs operators on engine threads whose OpenMP default is one thread; its own operators
+// ask for OMP_NUM_THREADS (else every processor), and so do these
+int thread_count() {
+  static const int count = [] {
+    const char* text = std::getenv("OMP_NUM_THREADS");
+    const int asked = text ? std::atoi(text) : 0;
+    return asked > 0 ? asked : omp_get_num_procs();
+  }();
+  return count;
+}
+
+struct Params {
+  float lower, upper, scale, step;
+  bool half_even;
+};
+
+bool parse(const std::unordered_map<std::string, std::string>& attrs, Params* p) {
+  const char* keys[] = {"lower", "upper", "scale", "step"};
+  float* values[] = {&p->lower, &p->upper, &p->scale, &p->step};
+  for (int i = 0; i < 4; ++i) {
+    auto it = attrs.find(keys[i]);
+    if (it == attrs.end()) {
+      MX_ERROR_MSG << "qgraph_fake_quant: attribute '" << keys[i] << "' is missing";
+      return false;
+    }
+    // MXNet's scalar operators parse their scalar as a double and cast it to float32
+    *values[i] = static_cast<float>(std::strtod(it->second.c_str(), nullptr));
+  }
+  auto rounding = attrs.find("rounding");
+  p->half_even = rounding != attrs.end() && rounding->second == "half_even";
+  if (rounding != attrs.end() && rounding->second != "half_even" && rounding->second != "half_away") {
+    MX_ERROR_MSG << "qgraph_fake_quant: rounding must be half_away or half_even, not " << rounding->second;
+    return false;
+  }
+  return true;
+}
+
+template <bool HalfEven>
+void quantize(const float* x, float* y, int64_t n, const Params& p) {
+#pragma omp parallel for schedule(static) num_threads(thread_count()) if (n > 32768)
+  for (int64_t i = 0; i < n; ++i) {
+    float c = x[i] > p.lower ? x[i] : p.lower;
+    c = c < p.upper ? c : p.upper;
+    const float v = c / p.scale;
+    // |v| <= 32767: half away is floor(|v| + 0.49999997) with v's sign (the float32 sum rounds
+    // |v| = k + 0.5 up to k + 1 and nothing below it); half even is rint, the current mode
+    const float r = HalfEven ? std::rint(v) : std::copysign(std::floor(std::fabs(v) + 0.49999997f), v);
+    y[i] = r * p.step;
+  }
+}
+
+MXReturnValue forward(const std::unordered_map<std::string, std::string>& attrs,
+                      std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                      const OpResource& res) {
+  Params p;
+  if (!parse(attrs, &p)) return MX_FAIL;
+  MXTensor& x = inputs->at(0);
+  if (x.dtype != kFloat32) {
+    MX_ERROR_MSG << "qgraph_fake_quant: input must be float32";
+    return MX_FAIL;
+  }
+  if (p.half_even) quantize<true>(x.data<float>(), outputs->at(0).data<float>(), x.size(), p);
+  else quantize<false>(x.data<float>(), outputs->at(0).data<float>(), x.size(), p);
+  return MX_SUCCESS;
+}
+
+// inputs: [output gradient, x, y]; outputs: [x gradient]
+MXReturnValue backward(const std::unordered_map<std::string, std::string>& attrs,
+                       std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                       const OpResource& res) {
+  Params p;
+  if (!parse(attrs, &p)) return MX_FAIL;
+  const float* grad = inputs->at(0).data<float>();
+  const float* x = inputs->at(1).data<float>();
+  float* dx = outputs->at(0).data<float>();
+  const int64_t n = inputs->at(1).size();
+  const float lower = p.lower, upper = p.upper;
+#pragma omp parallel for schedule(static) num_threads(thread_count()) if (n > 32768)
+  for (int64_t i = 0; i < n; ++i) dx[i] = (x[i] >= lower && x[i] <= upper) ? grad[i] : 0.0f;
+  return MX_SUCCESS;
+}
+
+MXReturnValue parse_attrs(const std::unordered_map<std::string, std::string>& attrs, int* num_in,
+                          int* num_out) {
+  Params p;
+  if (!parse(attrs, &p)) return MX_FAIL;
+  *num_in = 1;
+  *num_out = 1;
+  return MX_SUCCESS;
+}
+
+MXReturnValue infer_type(const std::unordered_map<std::string, std::string>& attrs,
+                         std::vector<int>* in_types, std::vector<int>* out_types) {
+  out_types->at(0) = in_types->at(0);
+  return MX_SUCCESS;
+}
+
+MXReturnValue infer_shape(const std::unordered_map<std::string, std::string>& attrs,
+                          std::vector<std::vector<unsigned int>>* in_shapes,
+                          std::vector<std::vector<unsigned int>>* out_shapes) {
+  out_shapes->at(0) = in_shapes->at(0);
+  return MX_SUCCESS;
+}
+
+struct OnlineParams {
+  float levels, min_scale;
+  bool is_signed, half_even;
+};
+
+bool parse_online(const std::unordered_map<std::string, std::string>& attrs, OnlineParams* p) {
+  const char* keys[] = {"levels", "min_scale", "signed"};
+  float values[3];
+  for (int i = 0; i < 3; ++i) {
+    auto it = attrs.find(keys[i]);
+    if (it == attrs.end()) {
+      MX_ERROR_MSG << "qgraph_fake_quant_online: attribute '" << keys[i] << "' is missing";
+      return false;
+    }
+    values[i] = static_cast<float>(std::strtod(it->second.c_str(), nullptr));
+  }
+  p->levels = values[0];
+  p->min_scale = values[1];
+  p->is_signed = values[2] != 0.0f;
+  auto rounding = attrs.find("rounding");
+  p->half_even = rounding != attrs.end() && rounding->second == "half_even";
+  return true;
+}
+
+template <bool HalfEven>
+void quantize_online(const float* x, float* y, int64_t n, float lower, float levels, float scale, float step) {
+#pragma omp parallel for schedule(static) num_threads(thread_count()) if (n > 32768)
+  for (int64_t i = 0; i < n; ++i) {
+    float v = x[i] / scale;
+    v = v > lower ? v : lower;
+    v = v < levels ? v : levels;
+    const float r = HalfEven ? std::rint(v) : std::copysign(std::floor(std::fabs(v) + 0.49999997f), v);
+    y[i] = r * step;
+  }
+}
+
+MXReturnValue forward_online(const std::unordered_map<std::string, std::string>& attrs,
+                             std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                             const OpResource& res) {
+  OnlineParams p;
+  if (!parse_online(attrs, &p)) return MX_FAIL;
+  MXTensor& x = inputs->at(0);
+  MXTensor& t = inputs->at(1);
+  if (x.dtype != kFloat32 || t.dtype != kFloat32 || t.size() != 1) {
+    MX_ERROR_MSG << "qgraph_fake_quant_online: needs float32 x and a one-element float32 threshold";
+    return MX_FAIL;
+  }
+  const float step = t.data<float>()[0] / p.levels;
+  const float scale = step > p.min_scale ? step : p.min_scale;
+  const float lower = p.is_signed ? -p.levels : 0.0f;
+  if (p.half_even) quantize_online<true>(x.data<float>(), outputs->at(0).data<float>(), x.size(), lower, p.levels, scale, step);
+  else quantize_online<false>(x.data<float>(), outputs->at(0).data<float>(), x.size(), lower, p.levels, scale, step);
+  return MX_SUCCESS;
+}
+
+// inputs: [output gradient, x, t, y]; outputs: [x gradient, t gradient]
+MXReturnValue backward_online(const std::unordered_map<std::string, std::string>& attrs,
+                              std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                              const OpResource& res) {
+  for (MXTensor& gradient : *outputs) {
+    float* data = gradient.data<float>();
+    std::fill(data, data + gradient.size(), 0.0f);
+  }
+  return MX_SUCCESS;
+}
+
+MXReturnValue parse_attrs_online(const std::unordered_map<std::string, std::string>& attrs, int* num_in,
+                                 int* num_out) {
+  OnlineParams p;
+  if (!parse_online(attrs, &p)) return MX_FAIL;
+  *num_in = 2;
+  *num_out = 1;
+  return MX_SUCCESS;
+}
+
+MXReturnValue infer_type_online(const std::unordered_map<std::string, std::string>& attrs,
+                                std::vector<int>* in_types, std::vector<int>* out_types) {
+  out_types->at(0) = in_types->at(0);
+  return MX_SUCCESS;
+}
+
+MXReturnValue infer_shape_online(const std::unordered_map<std::string, std::string>& attrs,
+                                 std::vector<std::vector<unsigned int>>* in_shapes,
+                                 std::vector<std::vector<unsigned int>>* out_shapes) {
+  out_shapes->at(0) = in_shapes->at(0);
+  return MX_SUCCESS;
+}
+
+}  // namespace
+
+REGISTER_OP(qgraph_fake_quant_online)
+    .setParseAttrs(parse_attrs_online)
+    .setInferType(infer_type_online)
+    .setInferShape(infer_shape_online)
+    .setForward(forward_online, "cpu")
+    .setBackward(backward_online, "cpu");
+
+REGISTER_OP(qgraph_fake_quant)
+    .setParseAttrs(parse_attrs)
+    .setInferType(infer_type)
+    .setInferShape(infer_shape)
+    .setForward(forward, "cpu")
+    .setBackward(backward, "cpu");
+
+MXReturnValue initialize(int version) {
+  return version >= 10900 ? MX_SUCCESS : MX_FAIL;
+}

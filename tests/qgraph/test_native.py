@@ -1,0 +1,115 @@
+"""qgraph.native: the fused fake-quant operators give the contract's values and gradient (numpy
+reference, ties included), a whole model gives bit-identical outputs and gradients with them and
+with the operator chains they replace, and a machine that cannot build them falls back with
+a warning."""
+import mxnet as mx
+import numpy as np
+import pytest
+from helpers import MNIST_CNN
+
+import passes
+import qgraph
+from qgraph import native
+
+F32 = np.float32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built():
+    if not native.available():
+        pytest.skip("qgraph's fused operators are unavailable here (no C++ compiler?)")
+
+
+def _reference(x, lower, upper, scale, step, rounding):
+    c = np.minimum(np.maximum(x, F32(lower)), F32(upper))
+    v = (c / F32(scale)).astype(np.float64)
+    n = np.floor(np.abs(v) + 0.5) * np.sign(v) if rounding == "half_away" else np.rint(v)
+    return (n.astype(F32) * F32(step)).astype(F32)
+
+
+def _values(T, levels, signed):
+    """Every rounding tie of the step and its float32 neighbours, beyond the range, and random."""
+    s = F32(T) / F32(levels)
+    k = np.arange(-levels - 2 if signed else -2, levels + 2).astype(np.float64)
+    ties = ((k + 0.5) * s).astype(F32)
+    rng = np.random.default_rng(levels)
+    return np.concatenate([ties, np.nextafter(ties, F32(np.inf)), np.nextafter(ties, F32(-np.inf)), k.astype(F32) * s,
+                           rng.uniform(-2 * T, 2 * T, 5000).astype(F32), [0, -0.0, T, -T]]).astype(F32)
+
+
+@pytest.mark.parametrize("rounding", ["half_away", "half_even"])
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, 12, 16])
+def test_fused_operator_gives_the_contract_and_the_straight_through_gradient(bits, signed, rounding):
+    T = 2.9
+    levels = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
+    step = F32(T) / F32(levels)
+    lower = -T if signed else 0.0
+    x = mx.nd.array(_values(T, levels, signed))
+    attrs = dict(lower=lower, upper=T, scale=float(step), step=float(step), rounding=rounding)
+    x.attach_grad()
+    with mx.autograd.record():
+        y = getattr(mx.nd, native.FAKE_QUANT_OP)(x, **attrs)
+    y.backward(mx.nd.arange(1, x.size + 1))
+    xs = x.asnumpy()
+    np.testing.assert_array_equal(y.asnumpy(), _reference(xs, lower, T, step, step, rounding))
+    inside = (xs >= F32(lower)) & (xs <= F32(T))
+    np.testing.assert_array_equal(x.grad.asnumpy(), np.where(inside, np.arange(1, x.size + 1), 0).astype(F32))
+
+
+@pytest.mark.parametrize("rounding", ["half_away", "half_even"])
+@pytest.mark.parametrize("signed", [False, True])
+def test_online_operator_takes_the_threshold_from_its_second_input(signed, rounding):
+    levels = 127 if signed else 255
+    x = _values(1.7, levels, signed)
+    T = F32(np.abs(x).max())
+    step = T / F32(levels)
+    got = getattr(mx.nd, native.ONLINE_FAKE_QUANT_OP)(mx.nd.array(x), mx.nd.array([T]), levels=levels,
+                                                      signed=int(signed), min_scale=1e-30, rounding=rounding)
+    v = np.clip((x / step).astype(F32), -levels if signed else 0, levels).astype(np.float64)
+    n = np.floor(np.abs(v) + 0.5) * np.sign(v) if rounding == "half_away" else np.rint(v)
+    np.testing.assert_array_equal(got.asnumpy(), (n.astype(F32) * step).astype(F32))
+
+
+def _outputs_and_gradients(config, x, monkeypatch, fused):
+    monkeypatch.setenv("QGRAPH_NATIVE", "1" if fused else "0")
+    net = passes.quantize(f"{MNIST_CNN}-symbol.json", config)
+    if not config.online:
+        net.calibrate(x, "naive", calib_epoch=1, progress=False)
+    evaluation = net(mx.nd.array(x)).asnumpy()
+    data = mx.nd.array(x)
+    data.attach_grad()
+    with mx.autograd.record():
+        training = net(data)
+    training.backward()
+    ops = {n.graph.op(name) for _, n in net._blocks.values() for name in n.graph.nodes()}
+    return evaluation, training.asnumpy(), data.grad.asnumpy(), ops
+
+
+@pytest.mark.parametrize("online", [False, True])
+@pytest.mark.parametrize("rounding", ["half_away", "half_even"])
+def test_a_model_is_bit_identical_with_fused_operators_and_operator_chains(online, rounding, monkeypatch):
+    config = qgraph.QuantConfig(weight_bits=4, input_bits=4, quant_type="channel", input_signed="auto",
+                                online=online, rounding=rounding, fake_bn=not online)
+    x = np.random.RandomState(3).rand(16, 1, 28, 28).astype(F32)
+    fused = _outputs_and_gradients(config, x, monkeypatch, True)
+    chain = _outputs_and_gradients(config, x, monkeypatch, False)
+    for got, expected in zip(fused[:3], chain[:3]):
+        np.testing.assert_array_equal(got, expected)
+    op = native.ONLINE_FAKE_QUANT_OP if online else native.FAKE_QUANT_OP
+    assert op in fused[3] and op not in chain[3]
+
+
+def test_without_a_compiler_the_chains_are_used_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("QGRAPH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning, match="fused operators unavailable"):
+        assert native.available() is False
+    assert native.available() is False  # tried once
+    assert not list(tmp_path.rglob("*.so"))
+
+
+def test_qgraph_native_0_turns_them_off(monkeypatch):
+    monkeypatch.setenv("QGRAPH_NATIVE", "0")
+    assert native.available() is False
