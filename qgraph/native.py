@@ -4,7 +4,8 @@ with the system's C++ compiler on first use and loaded with mx.library.load.
 `qgraph_fake_quant` replaces the chain of scalar operators of an input quantizer with a baked
 threshold (six passes over the activation forward, two backward) by one pass each way, with
 the same float32 arithmetic and so the same values, ties included; `qgraph_fake_quant_online`
-does the same for the evaluation form with the batch's threshold. The library is cached per
+does the same for the evaluation form with the batch's threshold, `qgraph_fake_quant_learned`
+for the training form with a learned (LSQ) threshold, its gradient included. The library is cached per
 source, MXNet and CPU (it is built for the CPU it runs on) under $QGRAPH_CACHE_DIR, else
 $XDG_CACHE_HOME/qgraph, else ~/.cache/qgraph. Without a compiler, or with QGRAPH_NATIVE=0,
 `available()` is False and the quantizer emits the operator chains instead: same values, slower.
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 FAKE_QUANT_OP = "qgraph_fake_quant"
 ONLINE_FAKE_QUANT_OP = "qgraph_fake_quant_online"
+LEARNED_FAKE_QUANT_OP = "qgraph_fake_quant_learned"
 SOURCES = (Path(__file__).resolve().parent / "native" / "fake_quant.cc",)
 _MXNET = Path(mx.__file__).resolve().parent
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17")

@@ -299,7 +299,13 @@ def _add_learned_input_fake_quant(graph: Graph, node: NodeBuilder, spec: FakeQua
     dot with ones, then element-wise division and multiplication. Its gradient reaches s through
     one matrix product (a BLAS reduction), where broadcast operators' backward passes cost about
     five times as much. Forward values equal the other forms' (s * 1 is s exactly)."""
-    step = node("_div_scalar", "step", [_lsq_threshold(node, spec, threshold, data_shape)], scalar=float(spec.levels))
+    learned = _lsq_threshold(node, spec, threshold, data_shape)
+    step = node("_div_scalar", "step", [learned], scalar=float(spec.levels))
+    if native.available():  # one operator computes Q(x) and both gradients; `step` serves an integer bias
+        quantized = node(native.LEARNED_FAKE_QUANT_OP, "fused", [x, learned], levels=spec.levels,
+                         signed=int(spec.signed), min_scale=MIN_SCALE, rounding=spec.rounding)
+        graph.set_input(spec.layer, spec.slot, quantized)
+        return _tag_exit(graph, quantized, spec)
     ones = node("Reshape", "ones", [node("ones_like", "ones_full", [x])], shape=(-1, 1))
     spread = node("reshape_like", "step_full", [node("dot", "step_spread", [ones, node("Reshape", "step_11", [step],
                                                                                               shape=(1, 1))]), x])

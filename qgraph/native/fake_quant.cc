@@ -14,6 +14,13 @@
 //     n = round(min(max(x / scale, signed ? -levels : 0), levels));  y = n * step
 // Its gradient is zero, as the evaluation chain's (MXNet's round has none); training with batch
 // thresholds keeps the operator chain.
+//
+// qgraph_fake_quant_learned(x, t; levels, signed, rounding) is the training form with a learned
+// threshold (LSQ, Esser et al. 2019): s = t[0] / levels, v = min(max(x / s, lo), levels),
+// y = round(v) * s; dy/dx = 1 inside the clip range (computed as (g * s) * (1 / s), as the chain's
+// elemwise_mul and elemwise_div backward passes do),
+// and dL/dt = sum(g * (round(v) - v inside, the clip bound outside)) / levels, summed in double.
+// The gradient scale LSQ asks for is applied to t by the graph around it.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -221,7 +228,74 @@ MXReturnValue infer_shape_online(const std::unordered_map<std::string, std::stri
   return MX_SUCCESS;
 }
 
+inline float round_as(bool half_even, float v) {
+  return half_even ? std::rint(v) : std::copysign(std::floor(std::fabs(v) + 0.49999997f), v);
+}
+
+MXReturnValue forward_learned(const std::unordered_map<std::string, std::string>& attrs,
+                              std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                              const OpResource& res) {
+  OnlineParams p;
+  if (!parse_online(attrs, &p)) return MX_FAIL;
+  MXTensor& x = inputs->at(0);
+  MXTensor& t = inputs->at(1);
+  if (x.dtype != kFloat32 || t.dtype != kFloat32 || t.size() != 1) {
+    MX_ERROR_MSG << "qgraph_fake_quant_learned: needs float32 x and a one-element float32 threshold";
+    return MX_FAIL;
+  }
+  const float step = t.data<float>()[0] / p.levels;
+  const float lower = p.is_signed ? -p.levels : 0.0f, upper = p.levels;
+  const float* in = x.data<float>();
+  float* out = outputs->at(0).data<float>();
+  const int64_t n = x.size();
+  const bool half_even = p.half_even;
+#pragma omp parallel for schedule(static) num_threads(thread_count()) if (n > 32768)
+  for (int64_t i = 0; i < n; ++i) {
+    float v = in[i] / step;
+    v = v > lower ? v : lower;
+    v = v < upper ? v : upper;
+    out[i] = round_as(half_even, v) * step;
+  }
+  return MX_SUCCESS;
+}
+
+// inputs: [output gradient, x, t, y]; outputs: [x gradient, t gradient]
+MXReturnValue backward_learned(const std::unordered_map<std::string, std::string>& attrs,
+                               std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                               const OpResource& res) {
+  OnlineParams p;
+  if (!parse_online(attrs, &p)) return MX_FAIL;
+  const float* grad = inputs->at(0).data<float>();
+  const float* in = inputs->at(1).data<float>();
+  const float step = inputs->at(2).data<float>()[0] / p.levels;
+  float* dx = outputs->at(0).data<float>();
+  const int64_t n = inputs->at(1).size();
+  const float lower = p.is_signed ? -p.levels : 0.0f, upper = p.levels;
+  const bool half_even = p.half_even;
+  const float reciprocal = 1.0f / step;
+  double step_gradient = 0.0;
+#pragma omp parallel for schedule(static) num_threads(thread_count()) reduction(+ : step_gradient) if (n > 32768)
+  for (int64_t i = 0; i < n; ++i) {
+    const float raw = in[i] / step;
+    const bool inside = raw >= lower && raw <= upper;
+    float v = raw > lower ? raw : lower;
+    v = v < upper ? v : upper;
+    const float r = round_as(half_even, v);
+    dx[i] = inside ? (grad[i] * step) * reciprocal : 0.0f;
+    step_gradient += static_cast<double>(grad[i]) * (inside ? static_cast<double>(r) - raw : r);
+  }
+  outputs->at(1).data<float>()[0] = static_cast<float>(step_gradient / p.levels);
+  return MX_SUCCESS;
+}
+
 }  // namespace
+
+REGISTER_OP(qgraph_fake_quant_learned)
+    .setParseAttrs(parse_attrs_online)
+    .setInferType(infer_type_online)
+    .setInferShape(infer_shape_online)
+    .setForward(forward_learned, "cpu")
+    .setBackward(backward_learned, "cpu");
 
 REGISTER_OP(qgraph_fake_quant_online)
     .setParseAttrs(parse_attrs_online)

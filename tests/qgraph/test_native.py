@@ -113,3 +113,33 @@ def test_without_a_compiler_the_chains_are_used_with_a_warning(monkeypatch, tmp_
 def test_qgraph_native_0_turns_them_off(monkeypatch):
     monkeypatch.setenv("QGRAPH_NATIVE", "0")
     assert native.available() is False
+
+
+@pytest.mark.parametrize("rounding", ["half_away", "half_even"])
+def test_learned_thresholds_train_alike_with_the_fused_operator_and_the_chain(rounding, monkeypatch):
+    """LSQ: the same outputs and data gradient bit for bit; the thresholds' gradients (sums over
+    every element, in another order) to float32 rounding."""
+    config = qgraph.QuantConfig(weight_bits=4, input_bits=4, quant_type="channel", input_signed="auto",
+                                online=False, learn_thresholds=True, rounding=rounding)
+    x = np.random.RandomState(4).rand(16, 1, 28, 28).astype(F32)
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setenv("QGRAPH_NATIVE", "1" if fused else "0")
+        net = passes.quantize(f"{MNIST_CNN}-symbol.json", config)
+        net.calibrate(x, "naive", calib_epoch=1, progress=False)
+        data = mx.nd.array(x)
+        data.attach_grad()
+        with mx.autograd.record():
+            out = net(data)
+            loss = (out * mx.nd.arange(out.size).reshape(out.shape)).sum()
+        loss.backward()
+        thresholds = {s.threshold: net.collect_params()[s.threshold].grad().asnumpy() for s in net.input_specs}
+        ops = {e.graph.op(n) for _, e in net._blocks.values() for n in e.graph.nodes()}
+        results[fused] = (out.asnumpy(), data.grad.asnumpy(), thresholds, ops)
+    (out, grad, thresholds, ops), (out_chain, grad_chain, thresholds_chain, ops_chain) = results[True], results[False]
+    np.testing.assert_array_equal(out, out_chain)
+    np.testing.assert_array_equal(grad, grad_chain)
+    assert thresholds.keys() == thresholds_chain.keys() and any(np.any(g != 0) for g in thresholds.values())
+    for name, value in thresholds.items():
+        np.testing.assert_allclose(value, thresholds_chain[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    assert native.LEARNED_FAKE_QUANT_OP in ops and native.LEARNED_FAKE_QUANT_OP not in ops_chain
