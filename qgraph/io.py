@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import tempfile
 import warnings
 from pathlib import Path
@@ -96,46 +97,47 @@ _TYPE_FLAGS = {0: np.float32, 1: np.float64, 2: np.float16, 3: np.uint8, 4: np.i
 def _read_dense_params(path: Path) -> dict[str, np.ndarray] | None:
     """The file's named dense arrays, read with numpy alone; None when the file is anything else
     (sparse or empty arrays, an older version, other types, an unnamed list, a damaged file),
-    which mx.nd.load then reads or rejects. Viewing one buffer instead of copying each array out
-    of MXNet cut loading to a third."""
+    which mx.nd.load then reads or rejects. Each array is read into its own memory, straight
+    from the file: a third of the time of copying them out of MXNet, and none is kept alive by
+    another (folding replaces most of them)."""
     try:
-        buffer = np.fromfile(path, dtype=np.uint8)
-    except OSError:
+        size = path.stat().st_size
+        with open(path, "rb") as stream:
+            return _read_dense_stream(stream, size)
+    except (OSError, ValueError, UnicodeDecodeError):
         return None
-    size, offset = buffer.size, 0
 
-    def take(dtype, count=1):
-        nonlocal offset
-        width = np.dtype(dtype).itemsize * count
-        if offset + width > size:
+
+def _read_dense_stream(stream, size: int) -> dict[str, np.ndarray] | None:
+    def header(fmt: str) -> tuple:
+        width = struct.calcsize(fmt)
+        data = stream.read(width)
+        if len(data) != width:
             raise ValueError("truncated")
-        values = buffer[offset: offset + width].view(dtype)
-        offset += width
-        return values
+        return struct.unpack(fmt, data)
 
-    try:
-        if int(take("<u8")[0]) != _LIST_MAGIC:
-            return None
-        take("<u8")
-        arrays = []
-        for _ in range(int(take("<u8")[0])):
-            if int(take("<u4")[0]) not in _ARRAY_MAGICS or int(take("<i4")[0]) != 0:
-                return None
-            ndim = int(take("<i4")[0])
-            if ndim <= 0:
-                return None
-            shape = tuple(int(d) for d in take("<i8", ndim))
-            take("<i4", 2)
-            dtype = _TYPE_FLAGS.get(int(take("<i4")[0]))
-            if dtype is None or min(shape) < 0:
-                return None
-            arrays.append(take(np.dtype(dtype).newbyteorder("<"), int(np.prod(shape))).reshape(shape))
-        names = []
-        for _ in range(int(take("<u8")[0])):
-            names.append(take("u1", int(take("<u8")[0])).tobytes().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
+    if header("<QQ")[0] != _LIST_MAGIC:
         return None
-    if offset != size or len(names) != len(arrays) or not names or len(set(names)) != len(names):
+    arrays = []
+    for _ in range(header("<Q")[0]):
+        magic, storage, ndim = header("<Iii")
+        if magic not in _ARRAY_MAGICS or storage != 0 or ndim <= 0:
+            return None
+        shape = header(f"<{ndim}q")
+        dtype = _TYPE_FLAGS.get(header("<iii")[2])
+        if dtype is None or min(shape) < 0:
+            return None
+        array = np.empty(shape, np.dtype(dtype).newbyteorder("<"))
+        if stream.tell() + array.nbytes > size or stream.readinto(memoryview(array).cast("B")) != array.nbytes:
+            raise ValueError("truncated")
+        arrays.append(array)
+    names = []
+    for _ in range(header("<Q")[0]):
+        (length,) = header("<Q")
+        if stream.tell() + length > size:
+            raise ValueError("truncated")
+        names.append(stream.read(length).decode("utf-8"))
+    if stream.tell() != size or len(names) != len(arrays) or not names or len(set(names)) != len(names):
         return None
     return dict(zip(names, arrays))
 

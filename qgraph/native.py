@@ -12,6 +12,7 @@ $XDG_CACHE_HOME/qgraph, else ~/.cache/qgraph. Without a compiler, or with QGRAPH
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -23,6 +24,7 @@ import warnings
 from pathlib import Path
 
 import mxnet as mx
+from mxnet.base import _LIB, check_call, mx_uint
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +45,20 @@ def available() -> bool:
         return False
     if "loaded" not in _state:
         try:
-            mx.library.load(str(library_path() if library_path().is_file() else build()), False)
+            _load(library_path() if library_path().is_file() else build())
             _state["loaded"] = True
         except (OSError, subprocess.SubprocessError, mx.base.MXNetError) as err:
             _state.update(loaded=False, reason=str(err).strip().splitlines()[-1] if str(err).strip() else repr(err))
             warnings.warn(f"qgraph: fused operators unavailable ({_state['reason']}); "
                           "using MXNet operator chains (same values, slower)", RuntimeWarning, stacklevel=2)
     return _state["loaded"]
+
+
+def _load(path: Path) -> None:
+    """Register the library's operators with MXNet (usable in Symbol JSON, hence in every graph
+    qgraph runs). mx.library.load does this and then regenerates the Python wrappers of all
+    of MXNet's operators, which qgraph does not use and which cost 5 MB and a second."""
+    check_call(_LIB.MXLoadLib(ctypes.c_char_p(str(path).encode()), mx_uint(0)))
 
 
 def library_path() -> Path:

@@ -192,7 +192,8 @@ def add_fixed_weight(graph: Graph, spec: FakeQuantSpec, name: str) -> str:
     if spec.bias_bits:
         node = _builder(graph, spec)
         _grouped_weight_scale(node, node("_copy", "copy", [graph.inputs(target)[slot]]), spec)
-    fixed = graph.add_variable(name, np.zeros(spec.shape, np.float32), attrs={FQ_TAG: spec.id})
+    # a read-only zero view: the graph needs a value of the right shape, not the memory
+    fixed = graph.add_variable(name, np.broadcast_to(np.float32(0), spec.shape), attrs={FQ_TAG: spec.id})
     graph.set_input(target, slot, fixed)
     return fixed
 

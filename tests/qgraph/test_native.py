@@ -2,6 +2,8 @@
 reference, ties included), a whole model gives bit-identical outputs and gradients with them and
 with the operator chains they replace, and a machine that cannot build them falls back with
 a warning."""
+import json
+
 import mxnet as mx
 import numpy as np
 import pytest
@@ -18,6 +20,25 @@ F32 = np.float32
 def _built():
     if not native.available():
         pytest.skip("qgraph's fused operators are unavailable here (no C++ compiler?)")
+
+
+def _run(op, inputs, attrs, head_gradient=None):
+    """Forward (and backward with `head_gradient`) of one operator, built from Symbol JSON as every
+    qgraph graph is (qgraph registers its operators without MXNet's Python wrappers)."""
+    names = [f"in{i}" for i in range(len(inputs))]
+    nodes = [{"op": "null", "name": n, "inputs": []} for n in names]
+    nodes.append({"op": op, "name": "op", "attrs": {k: str(v) for k, v in attrs.items()},
+                  "inputs": [[i, 0, 0] for i in range(len(inputs))]})
+    symbol = mx.sym.load_json(json.dumps({"nodes": nodes, "arg_nodes": list(range(len(inputs))),
+                                          "heads": [[len(inputs), 0, 0]], "attrs": {"mxnet_version": ["int", 10901]}}))
+    args = {n: mx.nd.array(v) for n, v in zip(names, inputs)}
+    grads = {n: mx.nd.zeros(v.shape) for n, v in args.items()}
+    executor = symbol.bind(mx.cpu(), args=args, args_grad=grads)
+    output = executor.forward(is_train=head_gradient is not None)[0].asnumpy()
+    if head_gradient is None:
+        return output, None
+    executor.backward(mx.nd.array(head_gradient))
+    return output, [grads[n].asnumpy() for n in names]
 
 
 def _reference(x, lower, upper, scale, step, rounding):
@@ -45,16 +66,13 @@ def test_fused_operator_gives_the_contract_and_the_straight_through_gradient(bit
     levels = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
     step = F32(T) / F32(levels)
     lower = -T if signed else 0.0
-    x = mx.nd.array(_values(T, levels, signed))
+    xs = _values(T, levels, signed)
     attrs = dict(lower=lower, upper=T, scale=float(step), step=float(step), rounding=rounding)
-    x.attach_grad()
-    with mx.autograd.record():
-        y = getattr(mx.nd, native.FAKE_QUANT_OP)(x, **attrs)
-    y.backward(mx.nd.arange(1, x.size + 1))
-    xs = x.asnumpy()
-    np.testing.assert_array_equal(y.asnumpy(), _reference(xs, lower, T, step, step, rounding))
+    head = np.arange(1, xs.size + 1, dtype=F32)
+    y, (gradient,) = _run(native.FAKE_QUANT_OP, [xs], attrs, head)
+    np.testing.assert_array_equal(y, _reference(xs, lower, T, step, step, rounding))
     inside = (xs >= F32(lower)) & (xs <= F32(T))
-    np.testing.assert_array_equal(x.grad.asnumpy(), np.where(inside, np.arange(1, x.size + 1), 0).astype(F32))
+    np.testing.assert_array_equal(gradient, np.where(inside, head, 0).astype(F32))
 
 
 @pytest.mark.parametrize("rounding", ["half_away", "half_even"])
@@ -64,11 +82,11 @@ def test_online_operator_takes_the_threshold_from_its_second_input(signed, round
     x = _values(1.7, levels, signed)
     T = F32(np.abs(x).max())
     step = T / F32(levels)
-    got = getattr(mx.nd, native.ONLINE_FAKE_QUANT_OP)(mx.nd.array(x), mx.nd.array([T]), levels=levels,
-                                                      signed=int(signed), min_scale=1e-30, rounding=rounding)
+    got, _ = _run(native.ONLINE_FAKE_QUANT_OP, [x, np.array([T], F32)],
+                  dict(levels=levels, signed=int(signed), min_scale=1e-30, rounding=rounding))
     v = np.clip((x / step).astype(F32), -levels if signed else 0, levels).astype(np.float64)
     n = np.floor(np.abs(v) + 0.5) * np.sign(v) if rounding == "half_away" else np.rint(v)
-    np.testing.assert_array_equal(got.asnumpy(), (n.astype(F32) * step).astype(F32))
+    np.testing.assert_array_equal(got, (n.astype(F32) * step).astype(F32))
 
 
 def _outputs_and_gradients(config, x, monkeypatch, fused):

@@ -287,7 +287,8 @@ def test_no_warning_when_inputs_are_signed(caplog, signed):
 
 
 def test_evaluation_reads_fixed_weights_that_follow_every_change_of_the_parameters(mnist_net_no_dw):
-    """The evaluation form quantizes weights once; a Trainer step or set_data must still be seen."""
+    """The evaluation form quantizes weights once; a Trainer step, set_data or re-initialisation
+    must still be seen."""
     net, x = mnist_net_no_dw, mx.nd.array(_images(8, 0))
 
     def in_graph_weights():
@@ -305,4 +306,6 @@ def test_evaluation_reads_fixed_weights_that_follow_every_change_of_the_paramete
     np.testing.assert_array_equal(net(x).asnumpy(), in_graph_weights())
     weight = next(p for n, p in net.collect_params().items() if n.endswith("conv2_weight"))
     weight.set_data(weight.data() * -1)
+    np.testing.assert_array_equal(net(x).asnumpy(), in_graph_weights())
+    weight.initialize(mx.init.Uniform(0.3), force_reinit=True)  # new arrays, not new values in old ones
     np.testing.assert_array_equal(net(x).asnumpy(), in_graph_weights())
