@@ -5,7 +5,8 @@ with the system's C++ compiler on first use and loaded with mx.library.load.
 threshold (six passes over the activation forward, two backward) by one pass each way, with
 the same float32 arithmetic and so the same values, ties included; `qgraph_fake_quant_online`
 does the same for the evaluation form with the batch's threshold, `qgraph_fake_quant_learned`
-for the training form with a learned (LSQ) threshold, its gradient included. The library is cached per
+for the training form with a learned (LSQ) threshold, its gradient included; `qgraph_fingerprint`
+gives a weighted sum of each input, which tells the evaluation form that weights changed. The library is cached per
 source, MXNet and CPU (it is built for the CPU it runs on) under $QGRAPH_CACHE_DIR, else
 $XDG_CACHE_HOME/qgraph, else ~/.cache/qgraph. Without a compiler, or with QGRAPH_NATIVE=0,
 `available()` is False and the quantizer emits the operator chains instead: same values, slower.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 FAKE_QUANT_OP = "qgraph_fake_quant"
 ONLINE_FAKE_QUANT_OP = "qgraph_fake_quant_online"
 LEARNED_FAKE_QUANT_OP = "qgraph_fake_quant_learned"
+FINGERPRINT_OP = "qgraph_fingerprint"
 SOURCES = (Path(__file__).resolve().parent / "native" / "fake_quant.cc",)
 _MXNET = Path(mx.__file__).resolve().parent
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17")
@@ -59,6 +62,16 @@ def _load(path: Path) -> None:
     qgraph runs). mx.library.load does this and then regenerates the Python wrappers of all
     of MXNet's operators, which qgraph does not use and which cost 5 MB and a second."""
     check_call(_LIB.MXLoadLib(ctypes.c_char_p(str(path).encode()), mx_uint(0)))
+
+
+def symbol(op: str, inputs, **attrs) -> mx.sym.Symbol:
+    """A Symbol applying `op` to variables named `inputs` (qgraph registers its operators without
+    MXNet's Python wrappers, so Symbols are built from JSON, as every qgraph graph is)."""
+    nodes = [{"op": "null", "name": name, "inputs": []} for name in inputs]
+    nodes.append({"op": op, "name": op, "attrs": {k: str(v) for k, v in attrs.items()},
+                  "inputs": [[i, 0, 0] for i in range(len(inputs))]})
+    return mx.sym.load_json(json.dumps({"nodes": nodes, "arg_nodes": list(range(len(inputs))),
+                                        "heads": [[len(inputs), 0, 0]], "attrs": {"mxnet_version": ["int", 10901]}}))
 
 
 def library_path() -> Path:

@@ -22,7 +22,7 @@ import numpy as np
 from mxnet import autograd
 
 from . import calibrate as calibration
-from . import recovery
+from . import native, recovery
 from .emit import Emission, Mode, emit, fixed_weight_outputs
 from .errors import ConfigError, GraphError
 from .graph import Graph
@@ -78,11 +78,16 @@ class ThresholdStore:
 
 
 class FixedWeights:
-    """The quantized weights of the evaluation form, computed once by the simulation's own weight
+    """The quantized weights of the evaluation form, computed by the simulation's own weight
     operators (qgraph.emit.fixed_weight_outputs) and kept as constants until a parameter they
     depend on changes. A change is noticed by a fingerprint (a fixed random projection of every
-    parameter those weights read, one sum each) taken at every evaluation forward: reading a
-    few dozen scalars instead of re-quantizing every weight."""
+    parameter those weights read) taken at every evaluation forward: one fused operator
+    (qgraph.native) reading the parameters, else a product with stored probes and a sum each. They are computed in four
+    slices of the layers, each by an executor bound for the computation and then dropped: the
+    intermediate arrays (about five times the weights they quantize) then cost a fraction of
+    the weights at the peak, and return to MXNet's pool for the activations."""
+
+    SLICES = 4
 
     def __init__(self, float_graph: Graph, weight_specs, shared: mx.gluon.ParameterDict):
         self.names = {s.id: f"{s.layer}_weight_quantized" for s in weight_specs}
@@ -90,42 +95,56 @@ class FixedWeights:
         self._shared = shared
         self._specs = list(weight_specs)
         self._float_graph = float_graph
-        self._executor = None
+        self._slices: list = []
         self._fingerprint = None
+        self._fingerprinter = None  # an executor bound to the parameters' arrays
         self._probes: dict = {}
 
     def _build(self, ctx) -> None:
-        graph = fixed_weight_outputs(self._float_graph, self._specs)
-        symbol = graph.to_symbol()
-        self._inputs = symbol.list_arguments()
-        # bound to the parameters' own arrays, which it only reads: a copy of every weight would
-        # be a third of the simulation's extra memory on ResNet-18
-        args = {name: self._shared[name].data(ctx) for name in self._inputs}
-        self._executor = symbol.bind(ctx, args=args, grad_req="null")
-        rng = np.random.RandomState(0)
-        self._probes = {name: mx.nd.array(rng.uniform(0.5, 1.5, args[name].size), ctx=ctx) for name in self._inputs}
-        if not self.params.keys():
-            for spec in self._specs:
-                param = self.params.get(self.names[spec.id], shape=spec.shape, dtype="float32", grad_req="null")
-                param.initialize(mx.init.Zero(), ctx=next(iter(self._shared.values())).list_ctx())
+        sizes = np.cumsum([int(np.prod(s.shape)) for s in self._specs])
+        slice_of = np.minimum((sizes - 1) * self.SLICES // max(int(sizes[-1]), 1), self.SLICES - 1)
+        self._slices = []
+        for index in sorted(set(slice_of.tolist())):
+            specs = [s for s, i in zip(self._specs, slice_of) if i == index]
+            self._slices.append((specs, fixed_weight_outputs(self._float_graph, specs).to_symbol()))
+        self._inputs = sorted({name for _, symbol in self._slices for name in symbol.list_arguments()})
+        if not native.available():
+            rng = np.random.RandomState(0)
+            self._probes = {name: mx.nd.array(rng.uniform(0.5, 1.5, self._shared[name].data(ctx).shape), ctx=ctx)
+                            for name in self._inputs}
+        for spec in self._specs:
+            param = self.params.get(self.names[spec.id], shape=spec.shape, dtype="float32", grad_req="null")
+            param.initialize(mx.init.Zero(), ctx=next(iter(self._shared.values())).list_ctx())
 
     def refresh(self) -> None:
         """Recompute the quantized weights if any parameter they read has changed."""
         ctx = next(iter(self._shared.values())).list_ctx()[0]
-        current = {name: self._shared[name].data(ctx) for name in self._inputs} if self._executor else {}
-        if self._executor is None or any(current[n].handle.value != self._executor.arg_dict[n].handle.value
-                                         for n in self._inputs):  # arrays replaced (re-initialised)
+        if not self._slices:
             self._build(ctx)
-            self._fingerprint = None
-            current = {name: self._shared[name].data(ctx) for name in self._inputs}
-        # one BLAS dot per parameter: a product and a sum cost several times as much in MXNet
-        sums = [mx.nd.dot(current[name].reshape((-1,)), self._probes[name]).reshape((1,)) for name in self._inputs]
-        fingerprint = mx.nd.concat(*sums, dim=0).asnumpy() if sums else np.zeros(0)
+        current = {name: self._shared[name].data(ctx) for name in self._inputs}
+        fingerprint = self._fingerprint_of(current, ctx)
         if self._fingerprint is not None and np.array_equal(fingerprint, self._fingerprint):
             return
-        for spec, out in zip(self._specs, self._executor.forward(is_train=False)):
-            self.params[self.names[spec.id]].set_data(out)
+        for specs, symbol in self._slices:
+            # bound to the parameters' own arrays, which it only reads (no copy of every weight)
+            executor = symbol.bind(ctx, args={n: current[n] for n in symbol.list_arguments()}, grad_req="null")
+            for spec, out in zip(specs, executor.forward(is_train=False)):
+                self.params[self.names[spec.id]].set_data(out)
+            mx.nd.waitall()  # the outputs are copied before the executor's memory is released
+            del executor
         self._fingerprint = fingerprint
+
+    def _fingerprint_of(self, current: dict, ctx) -> np.ndarray:
+        if not self._inputs:
+            return np.zeros(0)
+        if self._probes:  # no fused operators (a BLAS dot would cost 5 MB of buffers at its first use)
+            sums = [mx.nd.sum(current[n] * self._probes[n]).reshape((1,)) for n in self._inputs]
+            return mx.nd.concat(*sums, dim=0).asnumpy()
+        executor = self._fingerprinter
+        if executor is None or any(current[n].handle.value != executor.arg_dict[n].handle.value for n in self._inputs):
+            symbol = native.symbol(native.FINGERPRINT_OP, self._inputs, num_args=len(self._inputs))
+            executor = self._fingerprinter = symbol.bind(ctx, args=current, grad_req="null")
+        return executor.forward(is_train=False)[0].asnumpy()
 
 
 def add_threshold_params(graph: Graph, input_specs, values: Mapping[str, np.ndarray]) -> Graph:
@@ -162,9 +181,20 @@ def _shared_params(graph: Graph, fixed: set, ctx) -> mx.gluon.ParameterDict:
     for name, value in graph.params.items():
         grad_req = "null" if name in aux or name in fixed else "write"
         param = params.get(name, shape=value.shape, dtype=value.dtype, grad_req=grad_req)
-        param.initialize(mx.init.Constant(0), ctx=ctx)
-        param.set_data(mx.nd.array(value, dtype=value.dtype))
+        param.initialize(_Value(value), ctx=ctx)
     return params
+
+
+class _Value(mx.init.Initializer):
+    """Initialises a parameter with a given numpy value, written straight into its array (a
+    temporary NDArray per parameter would stay in MXNet's memory pool)."""
+
+    def __init__(self, value: np.ndarray):
+        super().__init__()
+        self._value = value
+
+    def _init_weight(self, _, arr):
+        arr[:] = self._value
 
 
 class QuantizedNet(mx.gluon.SymbolBlock):

@@ -2,8 +2,6 @@
 reference, ties included), a whole model gives bit-identical outputs and gradients with them and
 with the operator chains they replace, and a machine that cannot build them falls back with
 a warning."""
-import json
-
 import mxnet as mx
 import numpy as np
 import pytest
@@ -23,22 +21,31 @@ def _built():
 
 
 def _run(op, inputs, attrs, head_gradient=None):
-    """Forward (and backward with `head_gradient`) of one operator, built from Symbol JSON as every
-    qgraph graph is (qgraph registers its operators without MXNet's Python wrappers)."""
+    """Forward (and backward with `head_gradient`) of one operator."""
     names = [f"in{i}" for i in range(len(inputs))]
-    nodes = [{"op": "null", "name": n, "inputs": []} for n in names]
-    nodes.append({"op": op, "name": "op", "attrs": {k: str(v) for k, v in attrs.items()},
-                  "inputs": [[i, 0, 0] for i in range(len(inputs))]})
-    symbol = mx.sym.load_json(json.dumps({"nodes": nodes, "arg_nodes": list(range(len(inputs))),
-                                          "heads": [[len(inputs), 0, 0]], "attrs": {"mxnet_version": ["int", 10901]}}))
     args = {n: mx.nd.array(v) for n, v in zip(names, inputs)}
-    grads = {n: mx.nd.zeros(v.shape) for n, v in args.items()}
-    executor = symbol.bind(mx.cpu(), args=args, args_grad=grads)
+    grads = {n: mx.nd.zeros(v.shape) for n, v in args.items()} if head_gradient is not None else None
+    executor = native.symbol(op, names, **attrs).bind(mx.cpu(), args=args, args_grad=grads,
+                                                      grad_req="write" if grads else "null")
     output = executor.forward(is_train=head_gradient is not None)[0].asnumpy()
     if head_gradient is None:
         return output, None
     executor.backward(mx.nd.array(head_gradient))
     return output, [grads[n].asnumpy() for n in names]
+
+
+def test_fingerprint_is_a_fixed_weighted_sum_of_each_input():
+    rng = np.random.default_rng(5)
+    arrays = [rng.standard_normal(s).astype(F32) for s in ((7,), (300, 5), (2, 3, 70000))]
+    got, _ = _run(native.FINGERPRINT_OP, arrays, dict(num_args=3))
+    again, _ = _run(native.FINGERPRINT_OP, arrays, dict(num_args=3))
+    assert got.shape == (3,) and np.array_equal(got, again)
+    plain = np.array([a.astype(np.float64).sum() for a in arrays])
+    assert not np.allclose(got, plain)  # weighted, not a plain sum
+    for i, a in enumerate(arrays):  # a sign flip, a swap of two elements, one changed element: all seen
+        for changed in (-a, np.roll(a.ravel(), 1).reshape(a.shape), a + (np.arange(a.size) == 3).reshape(a.shape)):
+            other, _ = _run(native.FINGERPRINT_OP, arrays[:i] + [changed.astype(F32)] + arrays[i + 1:], dict(num_args=3))
+            assert other[i] != got[i] and np.array_equal(np.delete(other, i), np.delete(got, i))
 
 
 def _reference(x, lower, upper, scale, step, rounding):
