@@ -79,17 +79,19 @@ bool parse(const std::unordered_map<std::string, std::string>& attrs, Params* p)
   return true;
 }
 
+// |v| <= 32767: half away is floor(|v| + 0.49999997) with v's sign (the float32 sum rounds
+// |v| = k + 0.5 up to k + 1 and nothing below it); half even is rint, the current mode
+inline float round_as(bool half_even, float v) {
+  return half_even ? std::rint(v) : std::copysign(std::floor(std::fabs(v) + 0.49999997f), v);
+}
+
 template <bool HalfEven>
 void quantize(const float* x, float* y, int64_t n, const Params& p) {
 #pragma omp parallel for schedule(static) num_threads(thread_count()) if (n > 32768)
   for (int64_t i = 0; i < n; ++i) {
     float c = x[i] > p.lower ? x[i] : p.lower;
     c = c < p.upper ? c : p.upper;
-    const float v = c / p.scale;
-    // |v| <= 32767: half away is floor(|v| + 0.49999997) with v's sign (the float32 sum rounds
-    // |v| = k + 0.5 up to k + 1 and nothing below it); half even is rint, the current mode
-    const float r = HalfEven ? std::rint(v) : std::copysign(std::floor(std::fabs(v) + 0.49999997f), v);
-    y[i] = r * p.step;
+    y[i] = round_as(HalfEven, c / p.scale) * p.step;
   }
 }
 
@@ -133,6 +135,7 @@ MXReturnValue parse_attrs(const std::unordered_map<std::string, std::string>& at
   return MX_SUCCESS;
 }
 
+// the fake-quant operators' output is shaped and typed as their first input
 MXReturnValue infer_type(const std::unordered_map<std::string, std::string>& attrs,
                          std::vector<int>* in_types, std::vector<int>* out_types) {
   out_types->at(0) = in_types->at(0);
@@ -177,28 +180,35 @@ void quantize_online(const float* x, float* y, int64_t n, float lower, float lev
     float v = x[i] / scale;
     v = v > lower ? v : lower;
     v = v < levels ? v : levels;
-    const float r = HalfEven ? std::rint(v) : std::copysign(std::floor(std::fabs(v) + 0.49999997f), v);
-    y[i] = r * step;
+    y[i] = round_as(HalfEven, v) * step;
   }
 }
 
-MXReturnValue forward_online(const std::unordered_map<std::string, std::string>& attrs,
-                             std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
-                             const OpResource& res) {
+// y for a threshold tensor t; `floor_step` keeps the divisor at least min_scale (the online form's
+// chain does; a learned threshold is kept above zero by the graph instead)
+MXReturnValue quantize_with_threshold(const std::unordered_map<std::string, std::string>& attrs,
+                                      std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                                      bool floor_step) {
   OnlineParams p;
   if (!parse_online(attrs, &p)) return MX_FAIL;
   MXTensor& x = inputs->at(0);
   MXTensor& t = inputs->at(1);
   if (x.dtype != kFloat32 || t.dtype != kFloat32 || t.size() != 1) {
-    MX_ERROR_MSG << "qgraph_fake_quant_online: needs float32 x and a one-element float32 threshold";
+    MX_ERROR_MSG << "qgraph fake-quant: needs float32 x and a one-element float32 threshold";
     return MX_FAIL;
   }
   const float step = t.data<float>()[0] / p.levels;
-  const float scale = step > p.min_scale ? step : p.min_scale;
+  const float scale = floor_step && step <= p.min_scale ? p.min_scale : step;
   const float lower = p.is_signed ? -p.levels : 0.0f;
   if (p.half_even) quantize_online<true>(x.data<float>(), outputs->at(0).data<float>(), x.size(), lower, p.levels, scale, step);
   else quantize_online<false>(x.data<float>(), outputs->at(0).data<float>(), x.size(), lower, p.levels, scale, step);
   return MX_SUCCESS;
+}
+
+MXReturnValue forward_online(const std::unordered_map<std::string, std::string>& attrs,
+                             std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                             const OpResource& res) {
+  return quantize_with_threshold(attrs, inputs, outputs, true);
 }
 
 // inputs: [output gradient, x, t, y]; outputs: [x gradient, t gradient]
@@ -221,48 +231,10 @@ MXReturnValue parse_attrs_online(const std::unordered_map<std::string, std::stri
   return MX_SUCCESS;
 }
 
-MXReturnValue infer_type_online(const std::unordered_map<std::string, std::string>& attrs,
-                                std::vector<int>* in_types, std::vector<int>* out_types) {
-  out_types->at(0) = in_types->at(0);
-  return MX_SUCCESS;
-}
-
-MXReturnValue infer_shape_online(const std::unordered_map<std::string, std::string>& attrs,
-                                 std::vector<std::vector<unsigned int>>* in_shapes,
-                                 std::vector<std::vector<unsigned int>>* out_shapes) {
-  out_shapes->at(0) = in_shapes->at(0);
-  return MX_SUCCESS;
-}
-
-inline float round_as(bool half_even, float v) {
-  return half_even ? std::rint(v) : std::copysign(std::floor(std::fabs(v) + 0.49999997f), v);
-}
-
 MXReturnValue forward_learned(const std::unordered_map<std::string, std::string>& attrs,
                               std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                               const OpResource& res) {
-  OnlineParams p;
-  if (!parse_online(attrs, &p)) return MX_FAIL;
-  MXTensor& x = inputs->at(0);
-  MXTensor& t = inputs->at(1);
-  if (x.dtype != kFloat32 || t.dtype != kFloat32 || t.size() != 1) {
-    MX_ERROR_MSG << "qgraph_fake_quant_learned: needs float32 x and a one-element float32 threshold";
-    return MX_FAIL;
-  }
-  const float step = t.data<float>()[0] / p.levels;
-  const float lower = p.is_signed ? -p.levels : 0.0f, upper = p.levels;
-  const float* in = x.data<float>();
-  float* out = outputs->at(0).data<float>();
-  const int64_t n = x.size();
-  const bool half_even = p.half_even;
-#pragma omp parallel for schedule(static) num_threads(thread_count()) if (n > 32768)
-  for (int64_t i = 0; i < n; ++i) {
-    float v = in[i] / step;
-    v = v > lower ? v : lower;
-    v = v < upper ? v : upper;
-    out[i] = round_as(half_even, v) * step;
-  }
-  return MX_SUCCESS;
+  return quantize_with_threshold(attrs, inputs, outputs, false);
 }
 
 // inputs: [output gradient, x, t, y]; outputs: [x gradient, t gradient]
@@ -362,15 +334,15 @@ REGISTER_OP(qgraph_fingerprint)
 
 REGISTER_OP(qgraph_fake_quant_learned)
     .setParseAttrs(parse_attrs_online)
-    .setInferType(infer_type_online)
-    .setInferShape(infer_shape_online)
+    .setInferType(infer_type)
+    .setInferShape(infer_shape)
     .setForward(forward_learned, "cpu")
     .setBackward(backward_learned, "cpu");
 
 REGISTER_OP(qgraph_fake_quant_online)
     .setParseAttrs(parse_attrs_online)
-    .setInferType(infer_type_online)
-    .setInferShape(infer_shape_online)
+    .setInferType(infer_type)
+    .setInferShape(infer_shape)
     .setForward(forward_online, "cpu")
     .setBackward(backward_online, "cpu");
 
