@@ -39,7 +39,7 @@ def fixed_graph(net: QuantizedNet) -> Graph:
     add_threshold_params(folded, net.input_specs, current.params)
     add_rounding_params(folded, net.weight_specs, current.params)  # AdaRound's decisions, used as they are
     mode = Mode(weights=True, inputs=net.mode.inputs, online=net.mode.inputs and net.mode.online)
-    emission = emit(folded, net.weight_specs, net.input_specs, mode)
+    emission = emit(folded, net.weight_specs, net.input_specs, mode, fused=False)
     graph = emission.graph.set_outputs(emission.graph.outputs[:emission.model_outputs]).cleanup()
     fixed, _ = PassManager([FixWeights()]).run(graph)
     return fixed

@@ -55,14 +55,15 @@ class Emission(NamedTuple):
 
 def emit(float_graph: Graph, weight_specs: Sequence[FakeQuantSpec], input_specs: Sequence[FakeQuantSpec],
          mode: Mode, thresholds: Mapping[str, float] | None = None, input_shapes: Mapping | None = None,
-         fixed_weights: Mapping[str, str] | None = None) -> Emission:
+         fixed_weights: Mapping[str, str] | None = None, fused: bool = True) -> Emission:
     """The float graph with the fake-quant subgraphs `mode` asks for. Offline inputs read
     their threshold parameters, or, given `thresholds` (layer -> value), use those values as
     constants, which a forward pass computes with fewer operators; with `input_shapes` (the
     graph inputs' shapes) too, the evaluation form quantizes on oneDNN's reorders. Given
     `fixed_weights` (spec id -> parameter name), the evaluation form reads each quantized weight
     from that parameter instead of computing it (see fixed_weight_outputs). A weight spec with
-    bias_bits quantizes its layer's bias too where both of the layer's quantizers are on."""
+    bias_bits quantizes its layer's bias too where both of the layer's quantizers are on. A graph
+    to be saved takes `fused=False`: stock MXNet operators only (qgraph.native's are for running)."""
     graph = float_graph.copy()
     model_outputs = len(graph.outputs)
     for bn in graph.nodes("BatchNorm") if mode.bn_frozen else ():
@@ -82,7 +83,7 @@ def emit(float_graph: Graph, weight_specs: Sequence[FakeQuantSpec], input_specs:
             probe_layers.append(spec.layer)
         value = None if mode.online or thresholds is None else thresholds[spec.layer]
         _, stat = add_input_fake_quant(graph, spec, ste=mode.training, threshold_value=value,
-                                       data_shape=data_shapes.get(spec.layer))
+                                       data_shape=data_shapes.get(spec.layer), fused=fused)
         steps[spec.layer] = input_step(spec, value)
         if mode.online:
             stats.append(stat)

@@ -260,24 +260,27 @@ def online_threshold(graph: Graph, node: NodeBuilder, spec: FakeQuantSpec, x: Te
 
 
 def add_input_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True,
-                         threshold_value: float | None = None, data_shape: tuple | None = None
-                         ) -> tuple[str, TensorRef | None]:
+                         threshold_value: float | None = None, data_shape: tuple | None = None,
+                         fused: bool = True) -> tuple[str, TensorRef | None]:
     """layer[slot] <- x   becomes   layer[slot] <- Q(x). Returns (exit node, the online
     threshold tensor or None when the threshold is the parameter `spec.threshold`).
     With `threshold_value` (offline only) the threshold is baked into scalar operators:
     same values, but no broadcast operators, whose backward reduces over the whole
     activation and dominates a QAT step; such a graph cannot be re-calibrated. Given also
-    x's `data_shape`, the evaluation form runs on oneDNN's reorders where they are exact."""
+    x's `data_shape`, the evaluation form runs on oneDNN's reorders where they are exact. With
+    `fused` (and qgraph.native built) the forms a graph runs rather than saves use qgraph's fused
+    operators; a graph meant for files (fused=False) keeps to stock MXNet operators."""
+    fused = fused and native.available()
     node = _builder(graph, spec)
     x = graph.inputs(spec.layer)[spec.slot]
     if threshold_value is not None and not spec.online:
-        if native.available():
+        if fused:
             return _add_fused_input_fake_quant(graph, node, spec, x, threshold_value, data_shape, ste), None
         if not ste and data_shape is not None and reorder_exact(spec, threshold_value):
             return _add_reorder_input_fake_quant(graph, node, spec, x, threshold_value, data_shape), None
         return _add_baked_input_fake_quant(graph, node, spec, x, threshold_value, ste), None
     if spec.online and not ste and data_shape is not None:
-        return _add_plain_online_fake_quant(graph, node, spec, x, data_shape)
+        return _add_plain_online_fake_quant(graph, node, spec, x, data_shape, fused)
     if spec.online:
         threshold = online_threshold(graph, node, spec, x)
     else:
@@ -285,7 +288,7 @@ def add_input_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True,
             raise GraphError(f"{spec.id}: threshold parameter '{spec.threshold}' has no value")
         threshold = TensorRef(spec.threshold)
         if spec.learned and ste:
-            return _add_learned_input_fake_quant(graph, node, spec, x, threshold, data_shape), None
+            return _add_learned_input_fake_quant(graph, node, spec, x, threshold, data_shape, fused), None
     scale = _scale(node, threshold, spec.levels)
     step = TensorRef(f"{spec.id}_step")  # T / L before the MIN_SCALE floor: T = 0 gives exact zeros
     integers = _integers(graph, node, spec, node("broadcast_div", "div", [x, scale]), x, ste)
@@ -295,14 +298,14 @@ def add_input_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True,
 
 
 def _add_learned_input_fake_quant(graph: Graph, node: NodeBuilder, spec: FakeQuantSpec, x: TensorRef,
-                                  threshold: TensorRef, data_shape: tuple | None) -> str:
+                                  threshold: TensorRef, data_shape: tuple | None, fused: bool) -> str:
     """The training form with a learned threshold: the step s = T / L spread to x's shape by a
     dot with ones, then element-wise division and multiplication. Its gradient reaches s through
     one matrix product (a BLAS reduction), where broadcast operators' backward passes cost about
     five times as much. Forward values equal the other forms' (s * 1 is s exactly)."""
     learned = _lsq_threshold(node, spec, threshold, data_shape)
     step = node("_div_scalar", "step", [learned], scalar=float(spec.levels))
-    if native.available():  # one operator computes Q(x) and both gradients; `step` serves an integer bias
+    if fused:  # one operator computes Q(x) and both gradients; `step` serves an integer bias
         quantized = node(native.LEARNED_FAKE_QUANT_OP, "fused", [x, learned], levels=spec.levels,
                          signed=int(spec.signed), min_scale=MIN_SCALE, rounding=spec.rounding)
         graph.set_input(spec.layer, spec.slot, quantized)
@@ -422,11 +425,11 @@ def reorder_exact(spec: FakeQuantSpec, threshold: float) -> bool:
 
 
 def _add_plain_online_fake_quant(graph: Graph, node: NodeBuilder, spec: FakeQuantSpec, x: TensorRef,
-                                 shape: tuple) -> tuple[str, TensorRef]:
+                                 shape: tuple, fused: bool) -> tuple[str, TensorRef]:
     """The evaluation form with the batch's threshold: the threshold comes from x in its own
     (oneDNN) layout, the rest runs on one plain 2-D copy of x, so no operator converts layouts."""
     threshold = online_threshold(graph, node, spec, x)
-    if native.available():
+    if fused:
         _scale(node, threshold, spec.levels)  # the step node `<id>_step` an integer bias reads
         plain = node("transpose", "plain", [x], axes=tuple(range(len(shape))))
         quantized = node(native.ONLINE_FAKE_QUANT_OP, "fused", [plain, threshold], levels=spec.levels,

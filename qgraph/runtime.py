@@ -443,9 +443,10 @@ class QuantizedNet(mx.gluon.SymbolBlock):
 
     def current_graph(self, training: bool = True) -> Graph:
         """The graph of the current mode with the current parameter values and no extra outputs:
-        the training form (re-trainable, re-calibratable) unless `training` is False."""
+        the training form (re-trainable, re-calibratable) unless `training` is False; stock MXNet
+        operators only, so that it can be saved and loaded anywhere."""
         mode = self.mode.replace(online=self.mode.inputs and self.mode.online, training=training, sign_probe=False)
-        emission = emit(self.current_float_graph(), self.weight_specs, self.input_specs, mode)
+        emission = emit(self.current_float_graph(), self.weight_specs, self.input_specs, mode, fused=False)
         graph = emission.graph
         return graph.set_outputs(graph.outputs[:emission.model_outputs]).cleanup()
 

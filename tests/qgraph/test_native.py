@@ -2,6 +2,9 @@
 reference, ties included), a whole model gives bit-identical outputs and gradients with them and
 with the operator chains they replace, and a machine that cannot build them falls back with
 a warning."""
+import json
+import warnings
+
 import mxnet as mx
 import numpy as np
 import pytest
@@ -168,3 +171,23 @@ def test_learned_thresholds_train_alike_with_the_fused_operator_and_the_chain(ro
     for name, value in thresholds.items():
         np.testing.assert_allclose(value, thresholds_chain[name], rtol=1e-4, atol=1e-6, err_msg=name)
     assert native.LEARNED_FAKE_QUANT_OP in ops and native.LEARNED_FAKE_QUANT_OP not in ops_chain
+
+
+def test_saved_graphs_keep_to_stock_operators(tmp_path):
+    """Graphs meant for files (export, current_graph, fixed_graph) never use the fused operators,
+    learned thresholds included: MXNet alone must load them."""
+    config = qgraph.QuantConfig(weight_bits=4, input_bits=4, quant_type="channel", input_signed="auto",
+                                online=False, learn_thresholds=True)
+    net = passes.quantize(f"{MNIST_CNN}-symbol.json", config)
+    x = np.random.RandomState(5).rand(8, 1, 28, 28).astype(F32)
+    net.calibrate(x, "naive", calib_epoch=1, progress=False)
+    with mx.autograd.record():
+        net(mx.nd.array(x)).sum().backward()  # the fused training form has run
+    for graph in (net.current_graph(), net.current_graph(training=False), passes.fixed_graph(net)):
+        assert not [n for n in graph.nodes() if graph.op(n).startswith("qgraph_")]
+    net.export(tmp_path / "m")
+    ops = {node["op"] for node in json.loads((tmp_path / "m-symbol.json").read_text())["nodes"]}
+    assert "Convolution" in ops and not [op for op in ops if op.startswith("qgraph_")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mx.gluon.SymbolBlock.imports(str(tmp_path / "m-symbol.json"), ["data"], str(tmp_path / "m-0000.params"))
