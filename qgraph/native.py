@@ -1,15 +1,16 @@
 """qgraph's fused operators for MXNet: C++ sources beside this module (qgraph/native/*.cc), built
-with the system's C++ compiler on first use and loaded with mx.library.load.
+with the system's C++ compiler on first use and registered with MXNet (MXLoadLib).
 
 `qgraph_fake_quant` replaces the chain of scalar operators of an input quantizer with a baked
 threshold (six passes over the activation forward, two backward) by one pass each way, with
 the same float32 arithmetic and so the same values, ties included; `qgraph_fake_quant_online`
 does the same for the evaluation form with the batch's threshold, `qgraph_fake_quant_learned`
 for the training form with a learned (LSQ) threshold, its gradient included; `qgraph_fingerprint`
-gives a weighted sum of each input, which tells the evaluation form that weights changed. The library is cached per
-source, MXNet and CPU (it is built for the CPU it runs on) under $QGRAPH_CACHE_DIR, else
-$XDG_CACHE_HOME/qgraph, else ~/.cache/qgraph. Without a compiler, or with QGRAPH_NATIVE=0,
-`available()` is False and the quantizer emits the operator chains instead: same values, slower.
+gives a weighted sum of each input, which tells the evaluation form that weights changed. The
+library is cached per source, MXNet and CPU (it is built for the CPU it runs on) under
+$QGRAPH_CACHE_DIR, else $XDG_CACHE_HOME/qgraph, else ~/.cache/qgraph. Without a compiler, or
+with QGRAPH_NATIVE=0, `available()` is False and the quantizer emits the operator chains
+instead: same values, slower.
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def available() -> bool:
         return False
     if "loaded" not in _state:
         try:
-            _load(library_path() if library_path().is_file() else build())
+            path = library_path()
+            _load(path if path.is_file() else build())
             _state["loaded"] = True
         except (OSError, subprocess.SubprocessError, mx.base.MXNetError) as err:
             _state.update(loaded=False, reason=str(err).strip().splitlines()[-1] if str(err).strip() else repr(err))
@@ -99,7 +101,8 @@ def build() -> Path:
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
-            raise OSError(f"{Path(compiler).name} failed: {result.stderr.strip().splitlines()[-1:] or result.returncode}")
+            last = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+            raise OSError(f"{Path(compiler).name} failed: {last}")
         os.chmod(temporary, 0o755)
         os.replace(temporary, target)
     finally:
