@@ -314,10 +314,13 @@ class Graph:
         """Node names in topological order, ties broken by insertion order (so an unedited graph
         keeps its JSON order). Cached until the next structural edit (lint() sorts afresh, for
         edits made behind the verbs' back)."""
-        key = (self._edits, self.nx.number_of_nodes())
+        key = self._order_key()
         if self._order is None or self._order[0] != key:
             self._order = (key, self._sorted())
         return list(self._order[1])
+
+    def _order_key(self) -> tuple:
+        return self._edits, self.nx.number_of_nodes()
 
     def _sorted(self) -> list[str]:
         rank = {name: i for i, name in enumerate(self.nx)}
@@ -558,7 +561,7 @@ class Graph:
         output 0, outputs exist, and parameters and inputs are variables (every variable
         is one or the other, never both). Raises GraphError naming the node, returns self."""
         order = self._sorted()  # afresh: the structure may have been changed behind the verbs' back
-        self._order = ((self._edits, self.nx.number_of_nodes()), order)
+        self._order = (self._order_key(), order)
         node_data, predecessors = self.nx._node, self.nx._pred
         for name, data in node_data.items():
             if "op" not in data:

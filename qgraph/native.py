@@ -62,7 +62,7 @@ def available() -> bool:
 def _load(path: Path) -> None:
     """Register the library's operators with MXNet (usable in Symbol JSON, hence in every graph
     qgraph runs). mx.library.load does this and then regenerates the Python wrappers of all
-    of MXNet's operators, which qgraph does not use and which cost 5 MB and a second."""
+    of MXNet's operators, which qgraph does not use and which cost 5 MB."""
     check_call(_LIB.MXLoadLib(ctypes.c_char_p(str(path).encode()), mx_uint(0)))
 
 

@@ -359,6 +359,17 @@ def _round(node: NodeBuilder, value: TensorRef, rounding: str, ste: bool, non_ne
     return node("elemwise_add", "round_ste", [value, delta])
 
 
+def _baked_step(spec: FakeQuantSpec, threshold: float) -> np.float32:
+    """The step of a baked threshold, float32(T) / float32(L): the graph form's float32 arithmetic."""
+    return np.float32(threshold) / np.float32(spec.levels)
+
+
+def _plain(node: NodeBuilder, x: TensorRef, ndim: int) -> TensorRef:
+    """x copied out of oneDNN's blocked layout (an identity transpose), for operators that need
+    plain memory."""
+    return node("transpose", "plain", [x], axes=tuple(range(ndim)))
+
+
 def _add_fused_input_fake_quant(graph: Graph, node: NodeBuilder, spec: FakeQuantSpec, x: TensorRef,
                                 threshold: float, data_shape: tuple | None, ste: bool) -> str:
     """Q(x) with a baked threshold as one fused operator (qgraph.native): the arithmetic of
@@ -366,9 +377,9 @@ def _add_fused_input_fake_quant(graph: Graph, node: NodeBuilder, spec: FakeQuant
     In the evaluation form (`data_shape` known) x is first copied out of oneDNN's blocked layout
     by an operator of the graph: an extension operator given a blocked tensor converts it into
     memory outside the static allocation, which grew peak memory several times over."""
-    step = np.float32(threshold) / np.float32(spec.levels)
+    step = _baked_step(spec, threshold)
     if not ste and data_shape is not None:
-        x = node("transpose", "plain", [x], axes=tuple(range(len(data_shape))))
+        x = _plain(node, x, len(data_shape))
     quantized = node(native.FAKE_QUANT_OP, "fused", [x], lower=-float(threshold) if spec.signed else 0.0,
                      upper=float(threshold), scale=float(np.maximum(step, np.float32(MIN_SCALE))),
                      step=float(step), rounding=spec.rounding)
@@ -384,7 +395,7 @@ def _add_baked_input_fake_quant(graph: Graph, node: NodeBuilder, spec: FakeQuant
     gradient's only pass is the clip's mask. Clipping x rather than x / s, and this residual
     form rather than BlockGrad(Q) + (c - BlockGrad(c)), take one pass over the activation
     out of the forward and a subtraction's out of the backward."""
-    step = np.float32(threshold) / np.float32(spec.levels)  # the graph form's float32 arithmetic
+    step = _baked_step(spec, threshold)
     scale = float(np.maximum(step, np.float32(MIN_SCALE)))
     clipped = x
     if spec.signed or not is_non_negative(graph, x):  # after a ReLU the lower clip is a no-op
@@ -420,7 +431,7 @@ _REORDER_RANGE = {True: 127.5, False: 255.5}  # quantize_v2 maps [-R, R] (int8) 
 def reorder_exact(spec: FakeQuantSpec, threshold: float) -> bool:
     """Whether the reorder form computes this input's contract exactly: 2..8 bits and a step
     above MIN_SCALE (16 bits do not fit int8/uint8; a floored step is not the reorder's)."""
-    step = np.float32(threshold) / np.float32(spec.levels)
+    step = _baked_step(spec, threshold)
     return spec.bits <= 8 and (step == 0 or step >= np.float32(MIN_SCALE))
 
 
@@ -431,14 +442,14 @@ def _add_plain_online_fake_quant(graph: Graph, node: NodeBuilder, spec: FakeQuan
     threshold = online_threshold(graph, node, spec, x)
     if fused:
         _scale(node, threshold, spec.levels)  # the step node `<id>_step` an integer bias reads
-        plain = node("transpose", "plain", [x], axes=tuple(range(len(shape))))
+        plain = _plain(node, x, len(shape))
         quantized = node(native.ONLINE_FAKE_QUANT_OP, "fused", [plain, threshold], levels=spec.levels,
                          signed=int(spec.signed), min_scale=MIN_SCALE, rounding=spec.rounding)
         graph.set_input(spec.layer, spec.slot, quantized)
         return _tag_exit(graph, quantized, spec), threshold
     scale = _scale(node, threshold, spec.levels)
     step = TensorRef(f"{spec.id}_step")
-    plain = node("Reshape", "flat", [node("transpose", "plain", [x], axes=tuple(range(len(shape))))], shape=(0, -1))
+    plain = node("Reshape", "flat", [_plain(node, x, len(shape))], shape=(0, -1))
     integers = _integers(graph, node, spec, node("broadcast_div", "div", [plain, scale]), x, False)
     quantized = node("Reshape", "unflat", [node("broadcast_mul", "dequant", [integers, step])],
                      shape=(0,) + tuple(shape[1:]))
@@ -470,12 +481,12 @@ def _add_reorder_input_fake_quant(graph: Graph, node: NodeBuilder, spec: FakeQua
 
     quantize_v2's reorder rounds half to even, which is the rounding itself for half_even and a
     no-op on the already rounded integers for half_away."""
-    step = np.float32(threshold) / np.float32(spec.levels)
+    step = _baked_step(spec, threshold)
     if step == 0:
         quantized = node("zeros_like", "zero", [x])
     else:
         qr = _REORDER_RANGE[spec.signed]
-        plain = node("transpose", "plain", [x], axes=tuple(range(len(shape))))
+        plain = _plain(node, x, len(shape))
         value = node("_div_scalar", "div", [node("Reshape", "flat", [plain], shape=(0, -1))], scalar=float(step))
         if spec.rounding == "half_away":  # the reorder rounds half to even: round first
             value = _round(node, value, "half_away", False, non_negative=not spec.signed)
@@ -508,7 +519,7 @@ def input_step(spec: FakeQuantSpec, threshold_value: float | None = None) -> flo
     """The step of an input quantizer added by add_input_fake_quant with `threshold_value`: the
     float32 T / L as a number when the threshold was baked, else its node `<id>_step`."""
     if threshold_value is not None and not spec.online:
-        return float(np.float32(threshold_value) / np.float32(spec.levels))
+        return float(_baked_step(spec, threshold_value))
     return TensorRef(f"{spec.id}_step")
 
 

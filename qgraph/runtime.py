@@ -82,12 +82,9 @@ class FixedWeights:
     operators (qgraph.emit.fixed_weight_outputs) and kept as constants until a parameter they
     depend on changes. A change is noticed by a fingerprint (a fixed random projection of every
     parameter those weights read) taken at every evaluation forward: one fused operator
-    (qgraph.native) reading the parameters, else a product with stored probes and a sum each. They are computed in four
-    slices of the layers, each by an executor bound for the computation and then dropped: the
-    intermediate arrays (about five times the weights they quantize) then cost a fraction of
-    the weights at the peak, and return to MXNet's pool for the activations."""
-
-    SLICES = 4
+    (qgraph.native) reading the parameters, else a product with stored probes and a sum each.
+    The executor that computes them is bound to the parameters' own arrays for each computation
+    and then dropped, so its intermediate arrays go back to MXNet's pool for the activations."""
 
     def __init__(self, float_graph: Graph, weight_specs, shared: mx.gluon.ParameterDict):
         self.names = {s.id: f"{s.layer}_weight_quantized" for s in weight_specs}
@@ -95,19 +92,14 @@ class FixedWeights:
         self._shared = shared
         self._specs = list(weight_specs)
         self._float_graph = float_graph
-        self._slices: list = []
+        self._symbol = None
         self._fingerprint = None
         self._fingerprinter = None  # an executor bound to the parameters' arrays
         self._probes: dict = {}
 
     def _build(self, ctx) -> None:
-        sizes = np.cumsum([int(np.prod(s.shape)) for s in self._specs])
-        slice_of = np.minimum((sizes - 1) * self.SLICES // max(int(sizes[-1]), 1), self.SLICES - 1)
-        self._slices = []
-        for index in sorted(set(slice_of.tolist())):
-            specs = [s for s, i in zip(self._specs, slice_of) if i == index]
-            self._slices.append((specs, fixed_weight_outputs(self._float_graph, specs).to_symbol()))
-        self._inputs = sorted({name for _, symbol in self._slices for name in symbol.list_arguments()})
+        self._symbol = fixed_weight_outputs(self._float_graph, self._specs).to_symbol()
+        self._inputs = self._symbol.list_arguments()
         if not native.available():
             rng = np.random.RandomState(0)
             self._probes = {name: mx.nd.array(rng.uniform(0.5, 1.5, self._shared[name].data(ctx).shape), ctx=ctx)
@@ -119,19 +111,18 @@ class FixedWeights:
     def refresh(self) -> None:
         """Recompute the quantized weights if any parameter they read has changed."""
         ctx = next(iter(self._shared.values())).list_ctx()[0]
-        if not self._slices:
+        if self._symbol is None:
             self._build(ctx)
         current = {name: self._shared[name].data(ctx) for name in self._inputs}
         fingerprint = self._fingerprint_of(current, ctx)
         if self._fingerprint is not None and np.array_equal(fingerprint, self._fingerprint):
             return
-        for specs, symbol in self._slices:
-            # bound to the parameters' own arrays, which it only reads (no copy of every weight)
-            executor = symbol.bind(ctx, args={n: current[n] for n in symbol.list_arguments()}, grad_req="null")
-            for spec, out in zip(specs, executor.forward(is_train=False)):
-                self.params[self.names[spec.id]].set_data(out)
-            mx.nd.waitall()  # the outputs are copied before the executor's memory is released
-            del executor
+        # bound to the parameters' own arrays, which it only reads (no copy of every weight)
+        executor = self._symbol.bind(ctx, args=current, grad_req="null")
+        for spec, out in zip(self._specs, executor.forward(is_train=False)):
+            self.params[self.names[spec.id]].set_data(out)
+        mx.nd.waitall()  # the outputs are copied before the executor's memory is released
+        del executor
         self._fingerprint = fingerprint
 
     def _fingerprint_of(self, current: dict, ctx) -> np.ndarray:

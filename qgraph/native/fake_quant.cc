@@ -1,4 +1,4 @@
-// qgraph's fused fake-quant operators for MXNet (loaded with mx.library.load).
+// qgraph's fused fake-quant operators for MXNet (built and registered by qgraph/native.py).
 //
 // qgraph_fake_quant(x; lower, upper, scale, step, rounding) computes, element by element and in
 // float32 exactly as the chain of MXNet scalar operators it replaces:
@@ -30,7 +30,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
+#include <utility>
 #include <unordered_map>
 #include <vector>
 
@@ -58,25 +60,31 @@ struct Params {
   bool half_even;
 };
 
-bool parse(const std::unordered_map<std::string, std::string>& attrs, Params* p) {
-  const char* keys[] = {"lower", "upper", "scale", "step"};
-  float* values[] = {&p->lower, &p->upper, &p->scale, &p->step};
-  for (int i = 0; i < 4; ++i) {
-    auto it = attrs.find(keys[i]);
+// The named float attributes, parsed as MXNet's scalar operators parse their scalar (a double,
+// cast to float32), and the rounding; false (with MXNet's error message set) when one is bad.
+bool parse_floats(const std::unordered_map<std::string, std::string>& attrs, const char* op,
+                  std::initializer_list<std::pair<const char*, float*>> fields, bool* half_even) {
+  for (const auto& field : fields) {
+    auto it = attrs.find(field.first);
     if (it == attrs.end()) {
-      MX_ERROR_MSG << "qgraph_fake_quant: attribute '" << keys[i] << "' is missing";
+      MX_ERROR_MSG << op << ": attribute '" << field.first << "' is missing";
       return false;
     }
-    // MXNet's scalar operators parse their scalar as a double and cast it to float32
-    *values[i] = static_cast<float>(std::strtod(it->second.c_str(), nullptr));
+    *field.second = static_cast<float>(std::strtod(it->second.c_str(), nullptr));
   }
   auto rounding = attrs.find("rounding");
-  p->half_even = rounding != attrs.end() && rounding->second == "half_even";
+  *half_even = rounding != attrs.end() && rounding->second == "half_even";
   if (rounding != attrs.end() && rounding->second != "half_even" && rounding->second != "half_away") {
-    MX_ERROR_MSG << "qgraph_fake_quant: rounding must be half_away or half_even, not " << rounding->second;
+    MX_ERROR_MSG << op << ": rounding must be half_away or half_even, not " << rounding->second;
     return false;
   }
   return true;
+}
+
+bool parse(const std::unordered_map<std::string, std::string>& attrs, Params* p) {
+  return parse_floats(attrs, "qgraph_fake_quant",
+                      {{"lower", &p->lower}, {"upper", &p->upper}, {"scale", &p->scale}, {"step", &p->step}},
+                      &p->half_even);
 }
 
 // |v| <= 32767: half away is floor(|v| + 0.49999997) with v's sign (the float32 sum rounds
@@ -155,21 +163,11 @@ struct OnlineParams {
 };
 
 bool parse_online(const std::unordered_map<std::string, std::string>& attrs, OnlineParams* p) {
-  const char* keys[] = {"levels", "min_scale", "signed"};
-  float values[3];
-  for (int i = 0; i < 3; ++i) {
-    auto it = attrs.find(keys[i]);
-    if (it == attrs.end()) {
-      MX_ERROR_MSG << "qgraph_fake_quant_online: attribute '" << keys[i] << "' is missing";
-      return false;
-    }
-    values[i] = static_cast<float>(std::strtod(it->second.c_str(), nullptr));
-  }
-  p->levels = values[0];
-  p->min_scale = values[1];
-  p->is_signed = values[2] != 0.0f;
-  auto rounding = attrs.find("rounding");
-  p->half_even = rounding != attrs.end() && rounding->second == "half_even";
+  float is_signed = 0.0f;
+  if (!parse_floats(attrs, "qgraph_fake_quant_online",
+                    {{"levels", &p->levels}, {"min_scale", &p->min_scale}, {"signed", &is_signed}}, &p->half_even))
+    return false;
+  p->is_signed = is_signed != 0.0f;
   return true;
 }
 
