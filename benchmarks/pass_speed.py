@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="qgraph-pass-speed-") as folder:
         for name in args.models.split(","):
             prefix = export(name, folder)
+            os.sync()  # the kernel's writeback of the files just written would otherwise share the timing
             gc.collect()
             gc.freeze()  # as the tools do (qgraph.cli): the collector skips the libraries' objects
             run_once(prefix)  # warm-up: MXNet's operator registry, the op_check probe cache

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from qgraph import attrs as A
 from qgraph.folding import (FOLDABLE_OPS, NO_BIAS_DEFAULT, bn_fold_blocker, bn_scale_shift, fake_bn_fold,
-                            format_statistics, output_statistics, scaled_weight)
+                            folded_weights, format_statistics, output_statistics)
 from qgraph.graph import Graph, TensorRef
 from qgraph.pass_manager import PassContext
 from qgraph.tags import BN_STATS_TAG
@@ -25,14 +25,18 @@ class FoldBN:
     requires = ()
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
+        pairs = []
         for layer, bn in _find_pairs(graph):
             reason = bn_fold_blocker(graph, layer, bn)
             if reason:
                 ctx.report.skipped(self.name, bn, reason)
-                continue
+            else:
+                pairs.append((layer, bn))
+        weights = folded_weights(graph, pairs)
+        for layer, bn in pairs:
             if getattr(ctx.config, "equalize", False):
                 graph.set_attr(layer, BN_STATS_TAG, format_statistics(*output_statistics(graph, bn)))
-            _rewrite_pair(graph, layer, bn)
+            _rewrite_pair(graph, layer, bn, weights.get((layer, bn)))
             ctx.report.changed(self.name, layer, f"folded {bn}")
         graph.cleanup()
         return graph
@@ -49,7 +53,8 @@ def _owned_param(graph: Graph, name: str, reader: str, value) -> str:
     return graph.add_variable(f"{name}_folded", value, attrs={})
 
 
-def _rewrite_pair(graph: Graph, layer: str, bn: str) -> None:
+def _rewrite_pair(graph: Graph, layer: str, bn: str, new_weight) -> None:
+    """Fold `bn` into `layer`; `new_weight` is the folded stored weight (None for a fake-BN layer)."""
     op, attrs = graph.op(layer), graph.attrs(layer)
     inputs = graph.inputs(layer)
     scale, shift = bn_scale_shift(graph, bn)
@@ -59,9 +64,7 @@ def _rewrite_pair(graph: Graph, layer: str, bn: str) -> None:
         dtype = graph.params[graph.inputs(bn)[1].node].dtype
     else:
         weight_name = inputs[1].node
-        weight = graph.params[weight_name]
-        dtype = weight.dtype
-        new_weight = scaled_weight(op, weight, scale, A.get_int(attrs, "num_group", 1, layer))
+        dtype = new_weight.dtype
         new_weight_name = _owned_param(graph, weight_name, layer, new_weight)
         if new_weight_name != weight_name:
             graph.set_input(layer, 1, new_weight_name)

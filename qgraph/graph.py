@@ -324,7 +324,7 @@ class Graph:
 
     def _sorted(self) -> list[str]:
         rank = {name: i for i, name in enumerate(self.nx)}
-        pending = {name: self._in_degree(name) for name in rank}
+        pending = {name: sum(map(len, incoming.values())) for name, incoming in self.nx._pred.items()}
         ready = [(rank[n], n) for n, degree in pending.items() if degree == 0]
         heapq.heapify(ready)
         order = []
@@ -435,9 +435,18 @@ class Graph:
             if ref.node not in self.nx:
                 raise GraphError(f"cannot add '{name}': input node '{ref.node}' does not exist")
         name = self.unique_name(name)
-        self.nx.add_node(name, op=op, attrs={k: str(v) for k, v in (attrs or {}).items()}, extra={})
+        # straight into networkx's adjacency dicts, as copy() builds them (a fresh node's edge
+        # keys from one source are 0, 1, ...): add_node/add_edge cost twice as much, and
+        # rewrites add four nodes for each one loaded
+        successors, predecessors = self.nx._succ, self.nx._pred
+        self.nx._node[name] = {"op": op, "attrs": {k: str(v) for k, v in (attrs or {}).items()}, "extra": {}}
+        incoming: dict = {}
+        successors[name], predecessors[name] = {}, incoming
         for slot, ref in enumerate(refs):
-            self.nx.add_edge(ref.node, name, index=ref.index, slot=slot, version=ref.version)
+            keyed = incoming.get(ref.node)
+            if keyed is None:
+                keyed = incoming[ref.node] = successors[ref.node][name] = {}
+            keyed[len(keyed)] = {"index": ref.index, "slot": slot, "version": ref.version}
         self._edits += 1
         return name
 
@@ -563,20 +572,25 @@ class Graph:
         order = self._sorted()  # afresh: the structure may have been changed behind the verbs' back
         self._order = (self._order_key(), order)
         node_data, predecessors = self.nx._node, self.nx._pred
-        for name, data in node_data.items():
-            if "op" not in data:
-                raise GraphError(f"node '{name}' was created without an op (an edge to a missing node?)")
-            slots = sorted(d["slot"] for keyed in predecessors[name].values() for d in keyed.values())
-            if slots != list(range(len(slots))):
-                raise GraphError(f"node '{name}': input slots {slots} are not 0..{len(slots) - 1} once each")
-            if data["op"] == "null" and slots:
+        if any("op" not in data for data in node_data.values()):
+            name = next(n for n, data in node_data.items() if "op" not in data)
+            raise GraphError(f"node '{name}' was created without an op (an edge to a missing node?)")
+        for name, incoming in predecessors.items():
+            if not incoming:
+                continue
+            if node_data[name]["op"] == "null":
                 raise GraphError(f"variable '{name}' has inputs")
-        for dst, incoming in predecessors.items():
+            slots = []
             for src, keyed in incoming.items():
                 for d in keyed.values():
-                    if node_data[src]["op"] == "null" and d["index"] != 0:
-                        raise GraphError(f"node '{dst}' reads output {d['index']} of variable '{src}', "
+                    slots.append(d["slot"])
+                    if d["index"] and node_data[src]["op"] == "null":
+                        raise GraphError(f"node '{name}' reads output {d['index']} of variable '{src}', "
                                          "which has one")
+            if len(slots) > 1:
+                slots.sort()
+            if slots != list(range(len(slots))):
+                raise GraphError(f"node '{name}': input slots {slots} are not 0..{len(slots) - 1} once each")
         if not self._outputs:
             raise GraphError("graph has no outputs")
         for ref in self._outputs:

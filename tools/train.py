@@ -48,7 +48,7 @@ from qgraph.launch import fail_fast  # noqa: E402
 
 PROG = "train.py"
 RESUMED_FLAGS = ("qat", "dataset", "epochs", "batch_size", "lr", "wd", "seed", "steps_per_epoch", "fake_bn",
-                 "quant_delay", "freeze_bn_after")  # a resumed run must repeat them (the checkpoint records them)
+                 "quant_delay", "freeze_bn_after", "pad_fill")  # a resumed run must repeat them (the checkpoint records them)
 
 
 def parse_args(argv=None):
@@ -71,6 +71,10 @@ def parse_args(argv=None):
     parser.add_argument("--cpus", type=int, default=1,
                         help="data-parallel over this many CPU contexts cpu(0..N-1) when no --gpus (default: 1)")
     parser.add_argument("--steps-per-epoch", type=int, default=None, help="cut each epoch short (default: all data)")
+    parser.add_argument("--pad-fill", type=int, default=data.PAD_FILL, metavar="0..255",
+                        help="CIFAR-10 augmentation: the colour of the 4-pixel border before the random crop; "
+                             "fine-tune with the value the model was trained with (default: 255, MXNet "
+                             "ImageRecordIter's, which trained the shipped models; torchvision pads with 0)")
     add_run_args(parser)
     qat = parser.add_argument_group("quantization-aware training")
     qat.add_argument("--qat", action="store_true", help="fine-tune an exported model (--symbol) through fake quantization")
@@ -100,6 +104,8 @@ def parse_args(argv=None):
         parser.error("--qat needs --symbol MODEL-symbol.json (an exported FP32 model)")
     if args.symbol and not args.qat:
         parser.error("--symbol is for --qat; FP32 training builds --model")
+    if not 0 <= args.pad_fill <= 255:
+        parser.error(f"--pad-fill {args.pad_fill}: a pixel value, 0..255")
     cifar = (args.dataset or ("mnist" if not args.qat and args.model == "mnist_cnn" else "cifar10")) == "cifar10"
     args.dataset = "cifar10" if cifar else "mnist"
     if args.qat:  # fine-tuning: a short, gentle schedule
@@ -151,7 +157,7 @@ def run(args) -> int:
     check_output_prefix(args.out)
     workers = distributed.join(args.kvstore)
     logging.getLogger().setLevel(logging.WARNING if workers.rank else logging.INFO)  # rank 0 alone logs, writes
-    shard = data.train_shard(args.dataset, args.data_dir, workers.count, workers.rank)
+    shard = data.train_shard(args.dataset, args.data_dir, workers.count, workers.rank, args.pad_fill)
     mx.random.seed(args.seed)
     net = build(args, ctx, files, calibrate=state is None)
     if args.qat and state is None:

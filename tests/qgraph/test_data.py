@@ -180,20 +180,37 @@ def test_a_worker_count_that_does_not_divide_the_split_is_a_config_error():
         data.train_shard("mnist", None, 3, 0)
 
 
-def test_random_crop_flip_takes_a_padded_crop_of_every_image_flipped_or_not():
+@pytest.mark.parametrize("fill", [0, None], ids=["black", "default"])
+def test_random_crop_flip_takes_a_padded_crop_of_every_image_flipped_or_not(fill):
     rng = np.random.default_rng(0)
-    images = rng.integers(1, 256, (16, 3, 6, 5)).astype(np.uint8)
-    out = data.random_crop_flip(images, np.random.default_rng(1), pad=2)
+    images = rng.integers(1, 255, (16, 3, 6, 5)).astype(np.uint8)
+    kwargs = {} if fill is None else {"fill": fill}
+    out = data.random_crop_flip(images, np.random.default_rng(1), pad=2, **kwargs)
     assert out.shape == images.shape and out.dtype == np.uint8
     flips = 0
     for image, crop in zip(images, out):
-        padded = np.pad(image, ((0, 0), (2, 2), (2, 2)))
+        padded = np.pad(image, ((0, 0), (2, 2), (2, 2)), constant_values=255 if fill is None else fill)
         candidates = {(dy, dx, flip): padded[:, dy:dy + 6, dx:dx + 5][:, :, ::-1 if flip else 1]
                       for dy in range(5) for dx in range(5) for flip in (False, True)}
         found = [key for key, candidate in candidates.items() if np.array_equal(candidate, crop)]
         assert found, "not a crop of the padded image"
         flips += found[0][2]
     assert 0 < flips < 16
+
+
+def test_default_pad_fill_is_the_one_mxnet_image_record_iter_pads_with(tmp_path):
+    """The shipped CIFAR-10 models were trained on ImageRecordIter's pad-4 crops: fine-tuning
+    must pad with the same colour. A constant image shows which value MXNet fills with."""
+    path = tmp_path / "constant.rec"
+    writer = mx.recordio.MXRecordIO(str(path), "w")
+    image = np.full((8, 8, 3), 7, np.uint8)
+    for label in range(16):
+        writer.write(mx.recordio.pack_img(mx.recordio.IRHeader(0, float(label), label, 0), image, img_fmt=".png"))
+    writer.close()
+    batch = next(iter(mx.io.ImageRecordIter(path_imgrec=str(path), data_shape=(3, 8, 8), batch_size=16, pad=4,
+                                            rand_crop=True, shuffle=False, seed=3, preprocess_threads=1)))
+    values = set(np.unique(batch.data[0].asnumpy()).tolist())
+    assert values == {7.0, float(data.PAD_FILL)}
 
 
 # ---------------------------------------------------------------------- the shared CIFAR-10 files
