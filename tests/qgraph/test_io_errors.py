@@ -228,3 +228,21 @@ def test_params_reader_agrees_with_mxnet_for_every_dtype_and_layout(tmp_path):
         for key, value in reference.items():
             assert fast[key].dtype == value.dtype and np.array_equal(fast[key], value), key
         assert read_params(path)["w32"].flags.writeable
+
+
+def test_loaded_weights_are_private_and_outlive_an_atomic_rewrite_of_their_file(saved, small):
+    """Weights are a copy-on-write map of the file: writing to them never reaches the file, and
+    qgraph.save over the same prefix (a rename) leaves the loaded graph's values as they were."""
+    path = _params_file(saved)
+    on_disk = path.read_bytes()
+    graph = qgraph.load(saved, input_shape=small.input_shapes["data"])
+    name = max(graph.params, key=lambda n: graph.params[n].size)
+    graph.params[name][...] += 1.0
+    assert path.read_bytes() == on_disk
+    expected = {n: v.copy() for n, v in graph.params.items()}
+    other = graph_of(small)
+    other.set_param(name, np.zeros_like(small.params[name]))
+    qgraph.save(other, saved)
+    assert path.read_bytes() != on_disk
+    assert all(np.array_equal(graph.params[n], v) for n, v in expected.items())
+    np.testing.assert_array_equal(graph.params[name], small.params[name] + 1.0)
