@@ -246,3 +246,15 @@ def test_loaded_weights_are_private_and_outlive_an_atomic_rewrite_of_their_file(
     assert path.read_bytes() != on_disk
     assert all(np.array_equal(graph.params[n], v) for n, v in expected.items())
     np.testing.assert_array_equal(graph.params[name], small.params[name] + 1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_finite_check_names_nan_and_inf_and_passes_values_whose_squares_overflow(dtype):
+    """check_finite's fast path sums squares; a finite value too large to square must still pass."""
+    huge = np.finfo(dtype).max
+    fine = {"w": np.array([[huge, -huge], [1.0, 0.0]], dtype), "b": np.zeros(3, dtype)}
+    qgraph.io.check_finite(fine, "f.params")
+    for bad in (np.nan, np.inf, -np.inf):
+        value = np.array([1.0, bad, huge, 2.0], dtype)
+        with pytest.raises(GraphError, match=r"f.params: parameter 'w' holds 1 NaN or Inf"):
+            qgraph.io.check_finite({"b": np.zeros(2, dtype), "w": value}, "f.params")
