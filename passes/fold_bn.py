@@ -32,11 +32,12 @@ class FoldBN:
                 ctx.report.skipped(self.name, bn, reason)
             else:
                 pairs.append((layer, bn))
-        weights = folded_weights(graph, pairs)
+        scales = {pair: bn_scale_shift(graph, pair[1]) for pair in pairs}
+        weights = folded_weights(graph, {pair: scale for pair, (scale, _) in scales.items()})
         for layer, bn in pairs:
             if getattr(ctx.config, "equalize", False):
                 graph.set_attr(layer, BN_STATS_TAG, format_statistics(*output_statistics(graph, bn)))
-            _rewrite_pair(graph, layer, bn, weights.get((layer, bn)))
+            _rewrite_pair(graph, layer, bn, scales[layer, bn], weights.get((layer, bn)))
             ctx.report.changed(self.name, layer, f"folded {bn}")
         graph.cleanup()
         return graph
@@ -53,11 +54,12 @@ def _owned_param(graph: Graph, name: str, reader: str, value) -> str:
     return graph.add_variable(f"{name}_folded", value, attrs={})
 
 
-def _rewrite_pair(graph: Graph, layer: str, bn: str, new_weight) -> None:
-    """Fold `bn` into `layer`; `new_weight` is the folded stored weight (None for a fake-BN layer)."""
+def _rewrite_pair(graph: Graph, layer: str, bn: str, scale_shift, new_weight) -> None:
+    """Fold `bn` (its bn_scale_shift) into `layer`; `new_weight` is the folded stored weight
+    (None for a fake-BN layer)."""
     op, attrs = graph.op(layer), graph.attrs(layer)
     inputs = graph.inputs(layer)
-    scale, shift = bn_scale_shift(graph, bn)
+    scale, shift = scale_shift
     folded = fake_bn_fold(graph, layer, bn)
     if folded is not None:
         graph.set_input(layer, 1, folded)

@@ -11,7 +11,7 @@ fold_bn can record what the BatchNorm said about its output, mean beta and stand
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -109,14 +109,14 @@ def empty_arrays(templates: Sequence[np.ndarray]) -> list[np.ndarray]:
     return [arena[start:start + t.nbytes].view(t.dtype).reshape(t.shape) for start, t in zip(offsets, templates)]
 
 
-def folded_weights(graph: Graph, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], np.ndarray]:
-    """W * s (scaled_weight) for each (layer, BatchNorm) pair whose weight is a stored parameter
-    (a fake-BN layer's is not: fake_bn_fold), keyed by the pair, written into one allocation
-    (empty_arrays). One thread: two took anywhere from 0.7x to 2x its time on these 2-core VMs
-    (ResNet-18, 11-33 ms against a steady 16.7 ms)."""
-    jobs = [((layer, bn), graph.op(layer), graph.params[graph.inputs(layer)[1].node], bn_scale_shift(graph, bn)[0],
+def folded_weights(graph: Graph, scales: Mapping[tuple[str, str], np.ndarray]) -> dict[tuple[str, str], np.ndarray]:
+    """W * s (scaled_weight) for each (layer, BatchNorm) pair -> s whose weight is a stored
+    parameter (a fake-BN layer's is not: fake_bn_fold), keyed by the pair, written into one
+    allocation (empty_arrays). One thread: two took anywhere from 0.7x to 2x its time on these
+    2-core VMs (ResNet-18, 11-33 ms against a steady 16.7 ms)."""
+    jobs = [((layer, bn), graph.op(layer), graph.params[graph.inputs(layer)[1].node], scale,
              A.get_int(graph.attrs(layer), "num_group", 1, layer))
-            for layer, bn in pairs if fake_bn_fold(graph, layer, bn) is None]
+            for (layer, bn), scale in scales.items() if fake_bn_fold(graph, layer, bn) is None]
     outputs = empty_arrays([weight for _, _, weight, _, _ in jobs])
     for (_, op, weight, scale, groups), out in zip(jobs, outputs):
         scaled_weight(op, weight, scale, groups, out)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy as _copy
 import heapq
 import json
+from operator import itemgetter
 from types import MappingProxyType
 from typing import Iterable, Mapping, NamedTuple, Sequence
 
@@ -66,9 +67,7 @@ class NodeBuilder:
         self.graph, self.prefix, self.tags = graph, prefix, dict(tags or {})
 
     def __call__(self, op: str, suffix: str, inputs: Sequence = (), **attrs) -> TensorRef:
-        attrs = {k: str(v) for k, v in attrs.items()}
-        attrs.update(self.tags)
-        return TensorRef(self.graph.add_node(op, f"{self.prefix}_{suffix}", inputs, attrs))
+        return TensorRef(self.graph.add_node(op, f"{self.prefix}_{suffix}", inputs, {**attrs, **self.tags}))
 
 
 class Graph:
@@ -346,11 +345,15 @@ class Graph:
 
     def inputs(self, name: str) -> list[TensorRef]:
         """The tensors feeding `name`, ordered by input slot."""
-        self._need(name)
+        incoming = self.nx._pred.get(name)
+        if incoming is None:
+            raise GraphError(f"node '{name}' does not exist in the graph")
         # networkx's edge views cost more than the sort; the adjacency dicts are read directly
-        edges = sorted((d["slot"], src, d["index"], d["version"])
-                       for src, keyed in self.nx._pred[name].items() for d in keyed.values())
-        return [TensorRef(src, index, version) for _, src, index, version in edges]
+        edges = [(d["slot"], TensorRef(src, d["index"], d["version"])) for src, keyed in incoming.items()
+                 for d in keyed.values()]
+        if len(edges) > 1:
+            edges.sort(key=itemgetter(0))
+        return [ref for _, ref in edges]
 
     def consumers(self, tensor) -> list[tuple[str, int]]:
         """(consumer, slot) pairs reading `tensor` (a node name means its output 0)."""
