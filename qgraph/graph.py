@@ -386,12 +386,10 @@ class Graph:
 
     def inputs(self, name: str) -> list[TensorRef]:
         """The tensors feeding `name`, ordered by input slot."""
-        incoming = self.nx._pred.get(name)
-        if incoming is None:
-            raise GraphError(f"node '{name}' does not exist in the graph")
+        self._need(name)
         # networkx's edge views cost more than the sort; the adjacency dicts are read directly
-        edges = [(d["slot"], TensorRef(src, d["index"], d["version"])) for src, keyed in incoming.items()
-                 for d in keyed.values()]
+        edges = [(d["slot"], TensorRef(src, d["index"], d["version"]))
+                 for src, keyed in self.nx._pred[name].items() for d in keyed.values()]
         if len(edges) > 1:
             edges.sort(key=itemgetter(0))
         return [ref for _, ref in edges]
@@ -616,9 +614,9 @@ class Graph:
         order = self._sorted()  # afresh: the structure may have been changed behind the verbs' back
         self._order = (self._order_key(), order)
         node_data, predecessors = self.nx._node, self.nx._pred
-        if any("op" not in data for data in node_data.values()):
-            name = next(n for n, data in node_data.items() if "op" not in data)
-            raise GraphError(f"node '{name}' was created without an op (an edge to a missing node?)")
+        opless = next((name for name, data in node_data.items() if "op" not in data), None)
+        if opless is not None:
+            raise GraphError(f"node '{opless}' was created without an op (an edge to a missing node?)")
         for name, incoming in predecessors.items():
             if not incoming:
                 continue
