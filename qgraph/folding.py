@@ -69,12 +69,19 @@ def bn_fold_blocker(graph: Graph, layer: str, bn: str) -> str | None:
 
 def bn_scale_shift(graph: Graph, bn: str) -> tuple[np.ndarray, np.ndarray]:
     """(s, beta - running_mean * s) of an inference-mode BatchNorm, in float64."""
-    attrs = graph.attrs(bn)
     gamma, beta, mean, var = (graph.params[r.node].astype(np.float64) for r in graph.inputs(bn)[1:5])
+    scale = bn_scale(graph, bn, gamma, var)
+    return scale, beta - mean * scale
+
+
+def bn_scale(graph: Graph, bn: str, gamma: np.ndarray, running_var: np.ndarray) -> np.ndarray:
+    """s = gamma / sqrt(running_var + eps) of BatchNorm `bn` for these values of its parameters
+    (gamma = 1 when fix_gamma), in float64."""
+    attrs = graph.attrs(bn)
+    gamma = np.asarray(gamma, np.float64)
     if A.get_bool(attrs, "fix_gamma", True, bn):
         gamma = np.ones_like(gamma)
-    scale = gamma / np.sqrt(var + A.get_float(attrs, "eps", 1e-3, bn))
-    return scale, beta - mean * scale
+    return gamma / np.sqrt(np.asarray(running_var, np.float64) + A.get_float(attrs, "eps", 1e-3, bn))
 
 
 def scaled_weight(op: str, weight: np.ndarray, scale: np.ndarray, num_group: int,

@@ -119,13 +119,15 @@ def _broadcast_before_first_update(trainer: gluon.Trainer) -> None:
 def fit(net, trainer: gluon.Trainer, epoch_batches: Callable[[int], Iterable], epochs: int, steps_per_epoch: int,
         contexts: Sequence = (mx.cpu(),), schedule: QATSchedule | None = None,
         after_epoch: Callable[[int, int], None] | None = None, progress: bool = True, first_step: int = 0,
-        first_epoch: int = 0, num_workers: int = 1, seed: Sequence[int] | None = None) -> int:
+        first_epoch: int = 0, num_workers: int = 1, seed: Sequence[int] | None = None,
+        after_step: Callable[[], object] | None = None) -> int:
     """Train epochs `first_epoch` .. `epochs - 1`, each of at most `steps_per_epoch` steps over
     `epoch_batches(epoch)`, which yields (data, label) NDArrays (this worker's share when
     `num_workers` > 1). `schedule` (QAT) runs before every step, `first_step` being the step
     count so far; `after_epoch(epoch, steps taken so far)` after every epoch. With `seed`,
     MXNet's random generators restart from (seed..., epoch) at every epoch, so random
-    operators (dropout) repeat when a run is resumed. Returns the number of steps taken so far."""
+    operators (dropout) repeat when a run is resumed. `after_step()` runs after every update
+    (e.g. qgraph.weight_ranges keeping weights within range). Returns the number of steps taken so far."""
     step = first_step
     for epoch in range(first_epoch, epochs):
         if seed is not None:
@@ -137,6 +139,8 @@ def fit(net, trainer: gluon.Trainer, epoch_batches: Callable[[int], Iterable], e
                 schedule.apply(net, step)
             train_step(net, trainer, data, label, contexts, num_workers=num_workers,
                        ignore_stale_grad=schedule is not None and not schedule.quantizing(step))
+            if after_step is not None:
+                after_step()
             step += 1
             bar.update(1)
         bar.close()
@@ -167,6 +171,7 @@ class Run:
     checkpoint_path: str | Path | None = None
     epoch: int = 0                                 # epochs done
     step: int = 0                                  # steps done
+    after_step: Callable[[], object] | None = None  # after every update, on every worker
 
     def resume(self, state: checkpoint.Checkpoint) -> None:
         """Take the parameters, optimizer state and position of `state` (checked against the
@@ -198,5 +203,5 @@ class Run:
         fit(self.net, self.trainer, lambda epoch: self.shard.batches(epoch, self.batch_size, self.seed,
                                                                       workers.asynchronous),
             last, self.steps_per_epoch, self.contexts, self.schedule, epoch_done, workers.rank == 0, self.step,
-            self.epoch, workers.count, seed=(self.seed, workers.rank))
+            self.epoch, workers.count, seed=(self.seed, workers.rank), after_step=self.after_step)
         return self.epoch

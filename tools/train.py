@@ -39,7 +39,7 @@ import mxnet as mx  # noqa: E402
 
 import passes  # noqa: E402
 import qgraph  # noqa: E402
-from qgraph import checkpoint, data, distributed, models, training  # noqa: E402
+from qgraph import checkpoint, data, distributed, models, training, weight_ranges  # noqa: E402
 from qgraph.cli import (add_calib_args, add_quant_args, add_run_args, calibration_from_args,  # noqa: E402
                         config_from_args, run_reporting_errors)
 from qgraph.evaluate import top1  # noqa: E402
@@ -48,7 +48,7 @@ from qgraph.launch import fail_fast  # noqa: E402
 
 PROG = "train.py"
 RESUMED_FLAGS = ("qat", "dataset", "epochs", "batch_size", "lr", "wd", "seed", "steps_per_epoch", "fake_bn",
-                 "quant_delay", "freeze_bn_after", "pad_fill")  # a resumed run must repeat them (the checkpoint records them)
+                 "quant_delay", "freeze_bn_after", "pad_fill", "weight_range")  # a resumed run must repeat them (the checkpoint records them)
 
 
 def parse_args(argv=None):
@@ -87,6 +87,10 @@ def parse_args(argv=None):
                      help="use and keep BatchNorm's running statistics from this step on (default: never)")
     qat.add_argument("--learn-thresholds", action="store_true",
                      help="learn the input thresholds with LSQ's scaled gradient (initialised by --calib-mode)")
+    qat.add_argument("--weight-range", choices=weight_ranges.RANGES, default="max",
+                     help="the range each weight scale group is quantized over: max, the contract's max|W|, or "
+                          "mse, clipped before QAT to the range of least squared quantization error and kept "
+                          "within it after every step (for 2- and 3-bit weights; default: max)")
     qat.add_argument("--fix-params", action="store_true",
                      help="also write PREFIX-fixed-*: BN folded, weights holding their quantized values")
     add_quant_args(parser)
@@ -104,6 +108,8 @@ def parse_args(argv=None):
         parser.error("--qat needs --symbol MODEL-symbol.json (an exported FP32 model)")
     if args.symbol and not args.qat:
         parser.error("--symbol is for --qat; FP32 training builds --model")
+    if args.weight_range != "max" and not args.qat:
+        parser.error(f"--weight-range {args.weight_range} is for --qat")
     if not 0 <= args.pad_fill <= 255:
         parser.error(f"--pad-fill {args.pad_fill}: a pixel value, 0..255")
     cifar = (args.dataset or ("mnist" if not args.qat and args.model == "mnist_cnn" else "cifar10")) == "cifar10"
@@ -128,16 +134,22 @@ def calibration_images(args):
 
 
 def build(args, ctx, files, calibrate: bool):
-    """A QuantizedNet (--qat; calibrated unless resuming) or a fresh FP32 HybridBlock."""
+    """A QuantizedNet (--qat; calibrated unless resuming) or a fresh FP32 HybridBlock, and the
+    WeightRanges it is kept within (--weight-range mse), chosen from the exported weights, which a
+    resumed run loads first too, so that it keeps the ranges the run started with."""
     if not args.qat:
-        return models.trainable_network(args.model, 10, data.dataset_info(args.dataset).input_shape, ctx)
+        return models.trainable_network(args.model, 10, data.dataset_info(args.dataset).input_shape, ctx), None
     net = passes.quantize(qgraph.load_files(*files), config_from_args(args).replace(fake_bn=args.fake_bn), ctx=ctx[0])
     logging.info("%s", net.report.format())
+    ranges = None
+    if args.weight_range == "mse":  # before calibration: the thresholds see the clipped weights
+        ranges = weight_ranges.WeightRanges.choose(net)
+        logging.info("clipped %d weights to their least-squared-error ranges", ranges.moved)
     if calibrate:
         thresholds = calibration_from_args(args).run(net, calibration_images(args), progress=False)
         logging.info("calibrated %d input thresholds (%s)", len(thresholds), args.calib_mode)
     net.collect_params().reset_ctx(ctx)
-    return net
+    return net, ranges
 
 
 def run(args) -> int:
@@ -156,10 +168,13 @@ def run(args) -> int:
         checkpoint.check_settings(state, settings)
     check_output_prefix(args.out)
     workers = distributed.join(args.kvstore)
+    if args.weight_range != "max" and workers.asynchronous:
+        raise qgraph.ConfigError(f"--weight-range {args.weight_range}: --kvstore {workers.name} updates the weights "
+                                 "on the servers, where they cannot be kept within range; use dist_sync")
     logging.getLogger().setLevel(logging.WARNING if workers.rank else logging.INFO)  # rank 0 alone logs, writes
     shard = data.train_shard(args.dataset, args.data_dir, workers.count, workers.rank, args.pad_fill)
     mx.random.seed(args.seed)
-    net = build(args, ctx, files, calibrate=state is None)
+    net, ranges = build(args, ctx, files, calibrate=state is None)
     if args.qat and state is None:
         workers.check_same("input thresholds", net.thresholds())
     test = data.eval_set(args.dataset, args.data_dir) if workers.rank == 0 else None
@@ -175,6 +190,8 @@ def run(args) -> int:
         logging.info("resumed from %s after epoch %d (step %d)", state.path, state.epoch, state.step)
     elif args.qat and test:
         logging.info("before QAT: test top-1 %.4f", top1(net, test.images, test.labels))
+    if ranges is not None:
+        job.after_step = lambda: ranges.apply(net)
     fixed = []
 
     def after_epoch(epoch):  # rank 0

@@ -64,6 +64,7 @@ def test_qat_with_fake_bn_exports_a_quantized_net_and_a_fixed_graph(tmp_path):
     (["--qat", "--out", "x"], "--qat needs --symbol"),
     (["--qat", "--symbol", "missing-symbol.json", "--out", "x"], "missing-symbol.json: no such symbol file"),
     (["--symbol", "m-symbol.json", "--out", "x"], "--symbol is for --qat"),
+    (["--weight-range", "mse", "--out", "x"], "--weight-range mse is for --qat"),
 ])
 def test_errors_are_one_line_and_exit_2(tmp_path, args, message):
     result = _run(*args)
@@ -103,11 +104,13 @@ def _max_difference(one: dict, two: dict) -> float:
     return max(float(np.abs(one[k] - two[k]).max()) for k in one)
 
 
-@pytest.mark.parametrize("mode", ["fp32", "qat"])
+@pytest.mark.parametrize("mode", ["fp32", "qat", "qat_weight_range"])
 def test_resume_continues_a_run_exactly(tmp_path, mode):
     """One epoch, then a resumed one, gives the weights of two epochs straight (QAT: the quant
-    delay ends in the first epoch and BatchNorm freezes in the second)."""
-    flags = (*SHORT, *(QAT if mode == "qat" else ("--model", "mnist_cnn")))
+    delay ends in the first epoch and BatchNorm freezes in the second; with --weight-range mse
+    the resumed run keeps the ranges the run started with)."""
+    flags = (*SHORT, *(("--model", "mnist_cnn") if mode == "fp32" else QAT),
+             *(("--weight-range", "mse") if mode == "qat_weight_range" else ()))
     straight = _run(*flags, "--out", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
     first = _run(*flags, "--stop-after", "1", "--out", tmp_path / "resumed")
@@ -122,6 +125,29 @@ def test_resume_continues_a_run_exactly(tmp_path, mode):
     assert _max_difference(_params(tmp_path / "resumed"), _params(tmp_path / "straight")) <= 1e-6
     assert _max_difference(after_one, _params(tmp_path / "straight")) > 1e-3  # the second epoch did train
     assert checkpoint.load(tmp_path / "resumed-checkpoint.npz").epoch == 2
+
+
+def _zero_codes(prefix) -> float:
+    """The fraction of zero codes in the quantized (not the float first) layers of a -fixed graph."""
+    fixed = qgraph.load(f"{prefix}-fixed-symbol.json")
+    weights = [fixed.params[fixed.inputs(n)[1].node] for n in fixed.nodes(("Convolution", "FullyConnected"))
+               if n != "mnistcnn_conv0_fwd"]
+    codes = [w.reshape(w.shape[0], -1) / np.abs(w.reshape(w.shape[0], -1)).max(1, keepdims=True) for w in weights]
+    return float(np.mean(np.concatenate([np.abs(c).ravel() < 0.5 for c in codes])))
+
+
+def test_weight_range_mse_clips_2_bit_weights_so_fewer_round_to_zero(tmp_path):
+    """At 2 bits the contract's max|W| step zeroes most weights; the least-squared-error ranges
+    keep more of them, in the deployable graph too."""
+    flags = (*QAT, "--weight-bits-width", "2", "--epochs", "1", "--steps-per-epoch", "2", "--fix-params")
+    plain = _run(*flags, "--out", tmp_path / "max")
+    clipped = _run(*flags, "--weight-range", "mse", "--out", tmp_path / "mse")
+    assert plain.returncode == 0, plain.stderr
+    assert clipped.returncode == 0, clipped.stderr
+    assert "clipped" in clipped.stderr and "least-squared-error ranges" in clipped.stderr
+    assert "before QAT: test top-1" in clipped.stderr
+    assert "clipped" not in plain.stderr
+    assert _zero_codes(tmp_path / "mse") < _zero_codes(tmp_path / "max") - 0.1
 
 
 def test_learn_thresholds_trains_the_calibrated_thresholds(tmp_path):
