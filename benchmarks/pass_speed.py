@@ -33,7 +33,7 @@ from gluoncv.model_zoo import get_model  # noqa: E402
 import passes  # noqa: E402
 import qgraph  # noqa: E402
 from qgraph.emit import Mode, emit  # noqa: E402
-from qgraph.quantizer import fake_quant_specs, strip_fake_quant  # noqa: E402
+from qgraph.quantizer import fake_quant_specs, stripped_copy  # noqa: E402
 from qgraph.runtime import add_threshold_params  # noqa: E402
 
 MODELS = ("resnet18_v1", "resnet50_v1", "resnet152_v1", "densenet201", "mobilenetv2_1.0")
@@ -66,7 +66,7 @@ def run_once(prefix: str) -> dict:
     start = time.perf_counter()
     specs = fake_quant_specs(rewritten)
     inputs = [s for s in specs if s.kind == "input"]
-    float_graph = add_threshold_params(strip_fake_quant(rewritten.copy()), inputs,
+    float_graph = add_threshold_params(stripped_copy(rewritten), inputs,
                                        {s.threshold: rewritten.params[s.threshold] for s in inputs})
     thresholds = {s.layer: 1.0 for s in inputs}
     emission = emit(float_graph, [s for s in specs if s.kind == "weight"], inputs, Mode(), thresholds)

@@ -47,7 +47,8 @@ class InsertFakeQuant:
             described = [_insert_weight(graph, layer, own)]
             if config.quantize_input:
                 described.append(_insert_input(graph, layer, own, non_negative))
-                described += _insert_bias(graph, layer)
+                if config.quantize_bias:
+                    described += _insert_bias(graph, layer)
             ctx.report.changed(self.name, layer, "; ".join(described))
         return graph
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 
 from .errors import GraphError
 
@@ -46,15 +47,25 @@ def get_tuple(attrs: dict, key: str, default: tuple, node: str = "?") -> tuple:
     text = attrs.get(key)
     if text is None:
         return tuple(default)
+    value = _int_tuple(str(text).strip())
+    if value is None:
+        raise GraphError(f"node '{node}': attribute {key}={text!r} is not a tuple of integers")
+    return value
+
+
+@functools.lru_cache(maxsize=4096)
+def _int_tuple(text: str) -> tuple | None:
+    """The ints of '(3, 3)', '[3,3]' or '3', or None. Cached: a model repeats a few dozen
+    kernel, stride and pad strings, and literal_eval compiles each one it parses."""
     try:
-        value = ast.literal_eval(str(text).strip())
-    except (ValueError, SyntaxError):
-        raise GraphError(f"node '{node}': attribute {key}={text!r} is not a tuple") from None
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
     if isinstance(value, int):
         return (value,)
     if isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value):
         return tuple(value)
-    raise GraphError(f"node '{node}': attribute {key}={text!r} is not a tuple of integers")
+    return None
 
 
 def format_bool(value: bool) -> str:

@@ -73,7 +73,7 @@ def emit(float_graph: Graph, weight_specs: Sequence[FakeQuantSpec], input_specs:
         if fixed_weights is not None and not mode.training:
             add_fixed_weight(graph, spec, fixed_weights[spec.id])
         else:
-            add_weight_fake_quant(graph, spec, ste=mode.training)
+            add_weight_fake_quant(graph, spec, ste=mode.training, fused=fused)
     stats, minima, stat_layers, probe_layers, steps = [], [], [], [], {}
     for spec in input_specs if mode.inputs else ():
         spec = dataclasses.replace(spec, online=mode.online)
@@ -119,5 +119,5 @@ def fixed_weight_outputs(float_graph: Graph, weight_specs: Sequence[FakeQuantSpe
     float parameters, with the same operators as the simulation: evaluated once, its values
     feed the `fixed_weights` parameters of an evaluation emission."""
     graph = float_graph.copy()
-    exits = [TensorRef(add_weight_fake_quant(graph, spec, ste=False)) for spec in weight_specs]
+    exits = [TensorRef(add_weight_fake_quant(graph, spec, ste=False, fused=True)) for spec in weight_specs]
     return graph.set_outputs(exits).cleanup()

@@ -28,7 +28,7 @@ import heapq
 import json
 from operator import itemgetter
 from types import MappingProxyType
-from typing import Iterable, Mapping, NamedTuple, Sequence
+from typing import Collection, Iterable, Mapping, NamedTuple, Sequence
 
 import mxnet as mx
 import networkx as nx
@@ -53,6 +53,16 @@ def _as_ref(tensor) -> TensorRef:
     if isinstance(tensor, str):
         return TensorRef(tensor)
     return TensorRef(*tensor)
+
+
+def _rewired(ref: TensorRef, drop: Collection[str], rewire: Mapping[str, TensorRef], reader: str) -> TensorRef:
+    """`ref`, or what it is rewired to when its node is dropped (Graph.copy)."""
+    if ref.node not in drop:
+        return ref
+    if ref.node not in rewire or ref.index != 0 or rewire[ref.node].node in drop:
+        raise GraphError(f"{reader} reads output {ref.index} of '{ref.node}', which the copy drops "
+                         "without a replacement")
+    return rewire[ref.node]
 
 
 _PLAIN_DOC_KEYS = frozenset(("nodes", "arg_nodes", "node_row_ptr", "heads", "attrs"))
@@ -303,27 +313,55 @@ class Graph:
         symbol = self.to_symbol() if symbol is None else symbol
         return set(symbol.list_auxiliary_states())
 
-    def copy(self) -> "Graph":
+    def copy(self, drop: Collection[str] = (), rewire: Mapping[str, TensorRef] | None = None) -> "Graph":
+        """A copy of the graph; without the nodes in `drop` when given, each reader (or graph
+        output) of output 0 of a dropped node reading `rewire[node]` instead: what removing them
+        from a copy gives, without copying them first."""
         other = Graph()
         other.nx.graph.update(self.nx.graph)
         # built on networkx's adjacency dicts as MultiDiGraph.copy() builds them (successor order,
         # one key dict shared by _succ[u][v] and _pred[v][u]), at a third of its cost
         nodes, successors, predecessors = other.nx._node, other.nx._succ, other.nx._pred
         for name, data in self.nx._node.items():
+            if drop and name in drop:
+                continue
             nodes[name] = {**data, "attrs": dict(data["attrs"]),
                            "extra": _copy.deepcopy(data["extra"]) if data["extra"] else {}}
             successors[name], predecessors[name] = {}, {}
-        for src, targets in self.nx._succ.items():
-            out = successors[src]
-            for dst, keyed in targets.items():
-                out[dst] = predecessors[dst][src] = {key: dict(d) for key, d in keyed.items()}
+        if drop:
+            self._copy_edges_rewired(other, drop, rewire or {})
+        else:
+            for src, targets in self.nx._succ.items():
+                out = successors[src]
+                for dst, keyed in targets.items():
+                    out[dst] = predecessors[dst][src] = {key: dict(d) for key, d in keyed.items()}
         other._outputs = list(self._outputs)
         other._params = dict(self._params)  # arrays are replaced by set_param, never mutated in place
         other.input_names = list(self.input_names)
         other.input_shapes = dict(self.input_shapes)
         other.json_attrs = _copy.deepcopy(self.json_attrs)
-        other._edits, other._order = self._edits, self._order
+        if drop:
+            other._outputs = [_rewired(ref, drop, rewire or {}, "the graph outputs") for ref in other._outputs]
+            other._params = {k: v for k, v in other._params.items() if k not in drop}
+        else:
+            other._edits, other._order = self._edits, self._order
         return other
+
+    def _copy_edges_rewired(self, other: "Graph", drop: Collection[str], rewire: Mapping[str, TensorRef]) -> None:
+        successors, predecessors = other.nx._succ, other.nx._pred
+        for src, targets in self.nx._succ.items():
+            for dst, keyed in targets.items():
+                if dst in drop:
+                    continue
+                for data in keyed.values():
+                    ref = _rewired(TensorRef(src, data["index"], data["version"]), drop, rewire, f"'{dst}'")
+                    edges = successors[ref.node].get(dst)
+                    if edges is None:
+                        edges = successors[ref.node][dst] = predecessors[dst][ref.node] = {}
+                    key = len(edges)
+                    while key in edges:
+                        key += 1
+                    edges[key] = {"index": ref.index, "slot": data["slot"], "version": ref.version}
 
     # ------------------------------------------------------------------ queries
     def __contains__(self, name) -> bool:

@@ -5,7 +5,9 @@ with the system's C++ compiler on first use and registered with MXNet (MXLoadLib
 threshold (six passes over the activation forward, two backward) by one pass each way, with
 the same float32 arithmetic and so the same values, ties included; `qgraph_fake_quant_online`
 does the same for the evaluation form with the batch's threshold, `qgraph_fake_quant_learned`
-for the training form with a learned (LSQ) threshold, its gradient included; `qgraph_fingerprint`
+for the training form with a learned (LSQ) threshold, its gradient included;
+`qgraph_fake_quant_weight` computes a weight quantizer (a scale per group along the first axis)
+in one pass instead of eleven operators; `qgraph_fingerprint`
 gives a weighted sum of each input, which tells the evaluation form that weights changed. The
 library is cached per source, MXNet and CPU (it is built for the CPU it runs on) under
 $QGRAPH_CACHE_DIR, else $XDG_CACHE_HOME/qgraph, else ~/.cache/qgraph. Without a compiler, or
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 FAKE_QUANT_OP = "qgraph_fake_quant"
 ONLINE_FAKE_QUANT_OP = "qgraph_fake_quant_online"
 LEARNED_FAKE_QUANT_OP = "qgraph_fake_quant_learned"
+WEIGHT_FAKE_QUANT_OP = "qgraph_fake_quant_weight"
 FINGERPRINT_OP = "qgraph_fingerprint"
 SOURCES = (Path(__file__).resolve().parent / "native" / "fake_quant.cc",)
 _MXNET = Path(mx.__file__).resolve().parent

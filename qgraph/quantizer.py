@@ -139,8 +139,11 @@ def _tag_exit(graph: Graph, exit_ref: TensorRef, spec: FakeQuantSpec) -> str:
     return exit_ref.node
 
 
-def add_weight_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True) -> str:
-    """layer[slot] <- W   becomes   layer[slot] <- Q(W). Returns the exit node."""
+def add_weight_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True, fused: bool = False) -> str:
+    """layer[slot] <- W   becomes   layer[slot] <- Q(W). Returns the exit node. With `fused` (and
+    qgraph.native built) a weight grouped by its first axis, with no Winograd domain, learned
+    rounding or integer bias (which reads the chain's `<id>_scale`), is quantized by one fused
+    operator instead of the chain: same values; for graphs that run, not for files."""
     target, slot = _weight_slot(graph, spec)
     weight = graph.inputs(target)[slot]
     if not spec.shape:
@@ -152,6 +155,12 @@ def add_weight_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True) -
     # _copy first: oneDNN grouped convolutions re-lay the shared weight in place, and
     # Reshape cannot read that layout ("could not create a primitive descriptor for a reorder")
     private = node("_copy", "copy", [weight])
+    if fused and _fusable_weight(spec) and native.available():
+        quantized = node(native.WEIGHT_FAKE_QUANT_OP, "fused", [private], groups=spec.reshape[0], levels=levels,
+                         min_scale=MIN_SCALE, rounding=spec.rounding)
+        exit_ref = _straight_through(node, weight, quantized, ste)
+        graph.set_input(target, slot, exit_ref)
+        return _tag_exit(graph, exit_ref, spec)
     source = winograd.transform_weight(node, private, spec.winograd) if spec.winograd else private
     grouped, scale = _grouped_weight_scale(node, source, spec)
     scaled = node("broadcast_div", "div", [grouped, scale])
@@ -165,6 +174,12 @@ def add_weight_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True) -
     exit_ref = _straight_through(node, weight, quantized, ste)
     graph.set_input(target, slot, exit_ref)
     return _tag_exit(graph, exit_ref, spec)
+
+
+def _fusable_weight(spec: FakeQuantSpec) -> bool:
+    """Whether qgraph.native's weight operator computes this spec: groups along the first axis."""
+    return (not spec.winograd and not spec.offsets and not spec.bias_bits and len(spec.reshape) == 2
+            and spec.reshape[0] > 0 and tuple(spec.axes) == (1,))
 
 
 def _grouped_weight_scale(node: NodeBuilder, source: TensorRef, spec: FakeQuantSpec) -> tuple[TensorRef, TensorRef]:
@@ -618,21 +633,46 @@ def strip_fake_quant(graph: Graph, kinds=("weight", "input", "bias"), layers=Non
     the nodes in `layers`), wiring each layer back to the tensor the subgraph quantized.
     Threshold parameters left unused are dropped with the rest of the dead nodes: read them
     from `graph.params` first if they are needed."""
+    for exit_node, source in _strip_plan(graph, kinds, layers)[0].items():
+        graph.replace_all_uses(TensorRef(exit_node), source)
+    graph.cleanup()
+    return graph
+
+
+def stripped_copy(graph: Graph) -> Graph:
+    """strip_fake_quant(graph.copy()), every kind, leaving `graph` as it is; the subgraphs are
+    not copied to be removed (on ResNet-18 they are 520 of its 611 nodes)."""
+    rewire, removed = _strip_plan(graph, ("weight", "input", "bias"), None)
+    try:
+        return graph.copy(drop=removed, rewire=rewire).cleanup()
+    except GraphError:  # a node outside the subgraphs reads inside one: strip_fake_quant keeps what it must
+        return strip_fake_quant(graph.copy())
+
+
+def _strip_plan(graph: Graph, kinds, layers) -> tuple[dict[str, TensorRef], set]:
+    """({exit node: the tensor its subgraph quantizes}, the subgraphs' nodes) of the fake-quant
+    subgraphs strip_fake_quant removes."""
     members: dict[str, set] = {}
-    for name in graph.nx:
-        tag = graph.attrs(name).get(FQ_TAG)
+    exits = []
+    for name, data in graph.nx._node.items():  # the adjacency dicts: this runs for every QuantizedNet
+        tag = data["attrs"].get(FQ_TAG)
         if tag is not None:
             members.setdefault(tag, set()).add(name)
-    for exit_node in [n for n in graph.nodes() if SPEC_TAG in graph.attrs(n)]:
-        spec = FakeQuantSpec.from_json(graph.attrs(exit_node)[SPEC_TAG])
+        if SPEC_TAG in data["attrs"]:
+            exits.append(name)
+    rewire, removed = {}, set()
+    nodes, predecessors = graph.nx._node, graph.nx._pred
+    for exit_node in exits:
+        spec = FakeQuantSpec.from_json(nodes[exit_node]["attrs"][SPEC_TAG])
         if spec.kind not in kinds or (layers is not None and spec.layer not in layers):
             continue
         group = members.get(spec.id, set())
         # a bias quantizer also reads the steps of its layer's weight and input quantizers
-        sources = {ref for n in group for ref in graph.inputs(n) if ref.node not in group
-                   and ref.node not in (spec.threshold, spec.offsets) and FQ_TAG not in graph.attrs(ref.node)}
+        sources = {TensorRef(src, d["index"], d["version"]) for n in group for src, keyed in predecessors[n].items()
+                   if src not in group and src not in (spec.threshold, spec.offsets)
+                   and FQ_TAG not in nodes[src]["attrs"] for d in keyed.values()}
         if len(sources) != 1:
             raise GraphError(f"fake-quant subgraph '{spec.id}' reads {sorted(sources)}; expected one tensor")
-        graph.replace_all_uses(TensorRef(exit_node), sources.pop())
-    graph.cleanup()
-    return graph
+        rewire[exit_node] = sources.pop()
+        removed |= group
+    return rewire, removed

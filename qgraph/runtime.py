@@ -27,7 +27,7 @@ from .emit import Emission, Mode, emit, fixed_weight_outputs
 from .errors import ConfigError, GraphError
 from .graph import Graph
 from .io import evaluate, load, save, to_block
-from .quantizer import QUANTIZABLE_OPS, fake_quant_specs, strip_fake_quant
+from .quantizer import QUANTIZABLE_OPS, fake_quant_specs, stripped_copy
 from .tags import FQ_TAG
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def _float_graph(graph: Graph, input_specs, weight_specs) -> Graph:
     and the rounding parameter of every weight spec with learned rounding."""
     stored = {s.threshold: graph.params[s.threshold] for s in input_specs if s.threshold in graph.params}
     offsets = {s.offsets: graph.params[s.offsets] for s in weight_specs if s.offsets in graph.params}
-    stripped = add_threshold_params(strip_fake_quant(graph.copy()), input_specs, stored)
+    stripped = add_threshold_params(stripped_copy(graph), input_specs, stored)
     return add_rounding_params(stripped, weight_specs, offsets)
 
 

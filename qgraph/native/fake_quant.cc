@@ -22,6 +22,11 @@
 // and dL/dt = sum(g * (round(v) - v inside, the clip bound outside)) / levels, summed in double.
 // The gradient scale LSQ asks for is applied to t by the graph around it.
 //
+// qgraph_fake_quant_weight(w; groups, levels, min_scale, rounding) is a weight quantizer's
+// evaluation form, as its chain computes it in float32 over w viewed as (groups, -1):
+//     scale_g = max(max|w_g| / levels, min_scale);  y = clip(round(w / scale_g), -levels, levels) * scale_g
+// Its gradient is zero (the training form wraps it in the straight-through estimator's BlockGrad).
+//
 // qgraph_fingerprint(a_0, ..., a_{n-1}; num_args) gives, for each float32 input, the sum of its
 // elements weighted by a fixed pseudo-random sequence in [0.5, 1.5) (summed in double): the
 // evaluation form's test for changed weights, without probe arrays or a BLAS call (whose first
@@ -264,6 +269,79 @@ MXReturnValue backward_learned(const std::unordered_map<std::string, std::string
   return MX_SUCCESS;
 }
 
+struct WeightParams {
+  float levels, min_scale;
+  int64_t groups;
+  bool half_even;
+};
+
+bool parse_weight(const std::unordered_map<std::string, std::string>& attrs, WeightParams* p) {
+  float groups = 0.0f;
+  if (!parse_floats(attrs, "qgraph_fake_quant_weight",
+                    {{"groups", &groups}, {"levels", &p->levels}, {"min_scale", &p->min_scale}}, &p->half_even))
+    return false;
+  p->groups = static_cast<int64_t>(groups);
+  if (p->groups < 1 || static_cast<float>(p->groups) != groups || !(p->levels >= 1.0f)) {
+    MX_ERROR_MSG << "qgraph_fake_quant_weight: groups must be a positive integer and levels at least 1";
+    return false;
+  }
+  return true;
+}
+
+template <bool HalfEven>
+void quantize_weight(const float* w, float* y, int64_t groups, int64_t size, const WeightParams& p) {
+#pragma omp parallel for schedule(static) num_threads(thread_count()) if (groups * size > 65536 && groups > 1)
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* in = w + g * size;
+    float* out = y + g * size;
+    float magnitude = 0.0f;
+    for (int64_t i = 0; i < size; ++i) magnitude = std::fmax(magnitude, std::fabs(in[i]));
+    const float step = magnitude / p.levels;
+    const float scale = step > p.min_scale ? step : p.min_scale;
+    for (int64_t i = 0; i < size; ++i) {
+      float n = round_as(HalfEven, in[i] / scale);
+      n = n > -p.levels ? n : -p.levels;
+      n = n < p.levels ? n : p.levels;
+      out[i] = n * scale;
+    }
+  }
+}
+
+MXReturnValue forward_weight(const std::unordered_map<std::string, std::string>& attrs,
+                             std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                             const OpResource& res) {
+  WeightParams p;
+  if (!parse_weight(attrs, &p)) return MX_FAIL;
+  MXTensor& w = inputs->at(0);
+  if (w.dtype != kFloat32 || w.size() % p.groups != 0) {
+    MX_ERROR_MSG << "qgraph_fake_quant_weight: needs a float32 weight whose size divides into " << p.groups
+                 << " groups";
+    return MX_FAIL;
+  }
+  const int64_t size = w.size() / p.groups;
+  if (p.half_even) quantize_weight<true>(w.data<float>(), outputs->at(0).data<float>(), p.groups, size, p);
+  else quantize_weight<false>(w.data<float>(), outputs->at(0).data<float>(), p.groups, size, p);
+  return MX_SUCCESS;
+}
+
+// inputs: [output gradient, w, y]; outputs: [w gradient]
+MXReturnValue backward_weight(const std::unordered_map<std::string, std::string>& attrs,
+                              std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                              const OpResource& res) {
+  float* data = outputs->at(0).data<float>();
+  std::fill(data, data + outputs->at(0).size(), 0.0f);
+  return MX_SUCCESS;
+}
+
+MXReturnValue parse_attrs_weight(const std::unordered_map<std::string, std::string>& attrs, int* num_in,
+                                 int* num_out) {
+  WeightParams p;
+  if (!parse_weight(attrs, &p)) return MX_FAIL;
+  *num_in = 1;
+  *num_out = 1;
+  return MX_SUCCESS;
+}
+
 inline double probe(uint64_t index) {  // splitmix64 of the index, as a weight in [0.5, 1.5)
   uint64_t z = index + 0x9E3779B97F4A7C15ULL;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
@@ -329,6 +407,13 @@ REGISTER_OP(qgraph_fingerprint)
     .setInferType(infer_type_fingerprint)
     .setInferShape(infer_shape_fingerprint)
     .setForward(forward_fingerprint, "cpu");
+
+REGISTER_OP(qgraph_fake_quant_weight)
+    .setParseAttrs(parse_attrs_weight)
+    .setInferType(infer_type)
+    .setInferShape(infer_shape)
+    .setForward(forward_weight, "cpu")
+    .setBackward(backward_weight, "cpu");
 
 REGISTER_OP(qgraph_fake_quant_learned)
     .setParseAttrs(parse_attrs_online)

@@ -265,3 +265,28 @@ def test_saved_graph_loads_as_plain_symbolblock_with_same_outputs(net_graph, con
     np.testing.assert_array_equal(plain, qgraph.to_block(rewritten)(x).asnumpy())
     net.disable_quantize()
     assert not np.array_equal(plain, net(x).asnumpy())  # the quantizers do change the output
+
+
+@pytest.mark.parametrize("config", [
+    dict(quant_type="channel", input_signed="auto", online=False),
+    dict(quant_type="layer", online=True, quantize_bias=True, input_signed=True, online_stat="mean_max"),
+    dict(quant_type="channel", winograd="F23", winograd_mode="full", online=False),
+    dict(quant_type="channel", fake_bn=True, exclude_first_conv=False, online=False, learn_thresholds=True),
+], ids=["offline", "bias", "winograd", "fake_bn"])
+def test_stripped_copy_is_strip_fake_quant_on_a_copy(config):
+    """The copy that never copies the subgraphs is the graph strip_fake_quant leaves, and the
+    rewritten graph is untouched."""
+    from qgraph.quantizer import strip_fake_quant, stripped_copy
+
+    graph = _graph(_net_symbol(), (2, 3, 8, 8))
+    rewritten, _ = PassManager(passes.build_pipeline("fake_bn,exclude,insert_fake_quant"
+                                                     if config.get("fake_bn") else "exclude,insert_fake_quant")
+                               ).run(graph, QuantConfig(**config))
+    before = rewritten.to_json()
+    fast = stripped_copy(rewritten)
+    assert rewritten.to_json() == before
+    slow = strip_fake_quant(rewritten.copy())
+    assert fast.to_json() == slow.to_json()
+    assert sorted(fast.params) == sorted(slow.params)
+    assert fast.topo_order() == slow.topo_order() and len(fast) < len(rewritten)
+    fast.lint()

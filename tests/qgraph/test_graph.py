@@ -604,3 +604,20 @@ def test_hidden_outputs_mxnet_can_read_are_accepted(op, kwargs):
     graph = Graph.from_json(text)
     assert graph.outputs[1] == TensorRef("norm", 1)
     graph.verify()
+
+
+def test_a_copy_can_drop_nodes_and_rewire_their_readers(small_graph):
+    graph = small_graph.copy()
+    graph.insert_on_edge("fc0", 0, "Activation", "extra", {"act_type": "relu"})
+    graph.add_output("extra")
+    copy = graph.copy(drop={"extra"}, rewire={"extra": TensorRef("relu0")})
+    assert "extra" not in copy and "extra" in graph
+    assert copy.inputs("fc0") == [TensorRef("relu0"), *small_graph.inputs("fc0")[1:]]
+    assert copy.outputs == (TensorRef("fc0"), TensorRef("relu0"))
+    copy.lint()
+    assert copy.topo_order() == small_graph.topo_order()
+    with pytest.raises(GraphError, match="'fc0' reads output 0 of 'extra', which the copy drops"):
+        graph.copy(drop={"extra"})
+    with pytest.raises(GraphError, match="the graph outputs reads output 0 of 'fc0'"):
+        small_graph.copy(drop={"bn0", "relu0", "fc0"}, rewire={"relu0": TensorRef("conv0"),
+                                                               "fc0": TensorRef("relu0")})

@@ -68,6 +68,52 @@ def _values(T, levels, signed):
                            rng.uniform(-2 * T, 2 * T, 5000).astype(F32), [0, -0.0, T, -T]]).astype(F32)
 
 
+def _weight_reference(w, groups, levels, rounding):
+    """DESIGN.md's weight quantizer in float32: s = max(max|W_g| / L, 1e-30), clip(round(W / s), -L, L) * s."""
+    grouped = w.reshape(groups, -1)
+    s = np.maximum(np.abs(grouped).max(axis=1, keepdims=True) / F32(levels), F32(1e-30)).astype(F32)
+    v = (grouped / s).astype(np.float64)
+    n = np.floor(np.abs(v) + 0.5) * np.sign(v) if rounding == "half_away" else np.rint(v)
+    return (np.clip(n, -levels, levels).astype(F32) * s).astype(F32).reshape(w.shape)
+
+
+@pytest.mark.parametrize("rounding", ["half_away", "half_even"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, 16])
+def test_weight_operator_gives_the_contract_per_group_ties_and_zero_groups_included(bits, rounding):
+    levels = 2 ** (bits - 1) - 1
+    rng = np.random.default_rng(bits)
+    w = rng.standard_normal((6, 3, 3, 3)).astype(F32)
+    w[1] = 0  # an all-zero group quantizes to zeros, not NaN
+    s = np.abs(w[2]).max() / F32(levels)  # group 2 holds every rounding tie of its step and its neighbours
+    k = np.arange(-levels, levels) if levels < 14 else rng.integers(-levels, levels, 13)
+    ties = ((k[:13] + 0.5) * s).astype(F32)
+    flat = w[2].reshape(-1)
+    flat[:len(ties)] = np.nextafter(ties, F32(np.inf)) if bits % 2 else ties
+    flat[-1] = np.abs(w[2]).max()  # keep the group's maximum
+    w[2] = flat.reshape(w[2].shape)
+    for groups in (1, 2, 6):
+        got, gradient = _run(native.WEIGHT_FAKE_QUANT_OP, [w], dict(groups=groups, levels=levels, min_scale=1e-30,
+                                                                   rounding=rounding), np.ones_like(w))
+        np.testing.assert_array_equal(got, _weight_reference(w, groups, levels, rounding), err_msg=f"groups={groups}")
+        assert not gradient[0].any()  # the straight-through estimator around it gives the gradient
+    assert not np.isnan(got).any() and not got[1].any()
+
+
+@pytest.mark.parametrize("quant_type", ["layer", "channel", "group"])
+def test_quantized_weights_are_bit_identical_with_the_weight_operator_and_the_chain(quant_type, monkeypatch):
+    config = qgraph.QuantConfig(weight_bits=3, quant_type=quant_type, fake_bn=True, exclude_first_conv=False)
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setenv("QGRAPH_NATIVE", "1" if fused else "0")
+        net = passes.quantize(f"{MNIST_CNN}-symbol.json", config)
+        results[fused] = net.quantized_weights()
+        ops = {net.emission().graph.op(n) for n in net.emission().graph.nodes()}
+        assert (native.WEIGHT_FAKE_QUANT_OP in ops) == fused
+    assert results[True].keys() == results[False].keys()
+    for layer, value in results[True].items():
+        np.testing.assert_array_equal(value, results[False][layer], err_msg=layer)
+
+
 @pytest.mark.parametrize("rounding", ["half_away", "half_even"])
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8, 12, 16])
