@@ -41,6 +41,7 @@ from .tags import EXCLUDE_TAG, FAKE_BN_TAG, FQ_TAG, SPEC_TAG, WINOGRAD_TAG
 
 QUANTIZABLE_OPS = ("Convolution", "Deconvolution", "FullyConnected")
 MIN_SCALE = 1e-30
+LEARNED_FLOOR = 1e-8  # the least value of a learned (LSQ) input threshold
 
 
 def quantizable_layers(graph: Graph) -> list[str]:
@@ -339,13 +340,14 @@ def _lsq_threshold(node: NodeBuilder, spec: FakeQuantSpec, threshold: TensorRef,
     gradient scaled by g = 1 / sqrt(N * L) (N: elements of one sample's input), which for the
     threshold itself is a gradient scale of g * L^2 (so an optimizer step moves T as LSQ moves
     L * s). The forward value is T exactly: BlockGrad(T) + (c*T - BlockGrad(c*T)). T is kept
-    above 1e-8: a learned threshold must not cross zero."""
+    above LEARNED_FLOOR: a learned threshold must not cross zero (QuantizedNet also raises the
+    stored value to it, where a step took it below, so that it can learn its way back)."""
     elements = int(np.prod(data_shape[1:])) if data_shape else 1
     factor = float(spec.levels ** 2 / np.sqrt(elements * spec.levels))
     scaled = node("_mul_scalar", "lsq_scaled", [threshold], scalar=factor)
     gradient = node("elemwise_sub", "lsq_gradient", [scaled, node("BlockGrad", "lsq_scaled_frozen", [scaled])])
     value = node("elemwise_add", "lsq", [node("BlockGrad", "lsq_frozen", [threshold]), gradient])
-    return node("_maximum_scalar", "lsq_positive", [value], scalar=1e-8)
+    return node("_maximum_scalar", "lsq_positive", [value], scalar=LEARNED_FLOOR)
 
 
 # Adding then subtracting 1.5 * 2^23 rounds a float32 |v| < 2^22 to an integer (ties to even),

@@ -27,7 +27,7 @@ from .emit import Emission, Mode, emit, fixed_weight_outputs
 from .errors import ConfigError, GraphError
 from .graph import Graph
 from .io import evaluate, load, save, to_block
-from .quantizer import QUANTIZABLE_OPS, fake_quant_specs, stripped_copy
+from .quantizer import LEARNED_FLOOR, QUANTIZABLE_OPS, fake_quant_specs, stripped_copy
 from .tags import FQ_TAG
 
 log = logging.getLogger(__name__)
@@ -42,11 +42,23 @@ class ThresholdStore:
         self.params = params
         self.names = {s.layer: s.threshold for s in specs}
         self._set = {s.layer: already_set for s in specs}
+        self.learned = [s.threshold for s in specs if s.learned]
+
+    def floor_learned(self) -> None:
+        """Raise every learned threshold a step took below LEARNED_FLOOR to it, in place, as
+        torch.ao's learnable fake-quantize clamps its scale: every form then reads a positive
+        threshold, and the training form's gradient reaches it again (below the floor its
+        maximum passes none, and an LSQ step that overshoots zero would leave it there)."""
+        with autograd.pause():
+            for name in self.learned:
+                for data in self.params[name].list_data():  # every context's copy
+                    mx.nd._internal._maximum_scalar(data, scalar=LEARNED_FLOOR, out=data)
 
     def values(self) -> dict[str, float]:
         """layer -> threshold."""
         if not self.names:
             return {}
+        self.floor_learned()
         data = mx.nd.concat(*[self.params[n].data() for n in self.names.values()], dim=0).asnumpy()
         return dict(zip(self.names, (float(v) for v in data)))
 
@@ -276,6 +288,8 @@ class QuantizedNet(mx.gluon.SymbolBlock):
         # changed value (calibrate, set_thresholds, a Trainer) selects a new emission; thresholds
         # being learned stay parameters in training
         learning = mode.training and any(s.learned for s in self.input_specs)
+        if learning:
+            self._thresholds.floor_learned()
         baked = tuple(self._thresholds.values().values()) if mode.inputs and not mode.online and not learning else None
         block, emission = self._block(mode, baked, tuple(x.shape[1:]))
         if mode.weights and not mode.training:

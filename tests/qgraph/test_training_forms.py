@@ -109,6 +109,27 @@ def test_the_threshold_gradient_is_lsqs():
     np.testing.assert_allclose(got, g * levels * (dloss_dq * dq_ds).sum(), rtol=1e-4)
 
 
+def test_a_learned_threshold_a_step_takes_below_zero_is_raised_to_the_floor_and_learns_back():
+    """An LSQ step that overshoots zero (seen with 2-bit QAT: an 8-bit FC input's threshold at -12)
+    left the threshold where the training form's floor passes no gradient, and every evaluation
+    form read the negative value. The stored value is raised to the floor instead."""
+    from qgraph.quantizer import LEARNED_FLOOR
+
+    net, _ = _fc_net(True)
+    param = net.collect_params()["fc_data_threshold"]
+    param.set_data(mx.nd.array([-12.0]))
+    assert net.thresholds()["fc"] == np.float32(LEARNED_FLOOR)  # what every form reads
+    param.set_data(mx.nd.array([-12.0]))
+    x = mx.nd.array(np.random.RandomState(5).uniform(0, 2, (8, 20)).astype(np.float32))
+    trainer = gluon.Trainer([param], "sgd", {"learning_rate": 0.1})
+    with autograd.record():
+        loss = -(net(x) ** 2).sum()  # wants a larger threshold: more of x passes
+    loss.backward()
+    assert float(param.grad().asnumpy()[0]) < 0  # the gradient reaches it at the floor
+    trainer.step(1)
+    assert float(param.data().asnumpy()[0]) > LEARNED_FLOOR
+
+
 @pytest.mark.parametrize("tile, scales", [("F23", "channel"), ("F43", "channel"), ("F43", "tile"), ("F63", "tile")])
 def test_winograd_full_mode_gradient_is_the_float_gradient_at_16_bits(graph, tile, scales):
     """With 16-bit weights and tiles and thresholds well above the batch's range (so that nothing
