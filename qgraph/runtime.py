@@ -438,6 +438,7 @@ class QuantizedNet(mx.gluon.SymbolBlock):
     # ------------------------------------------------------------------ graphs and files
     def parameter_values(self) -> dict[str, np.ndarray]:
         """Every parameter's current value (after training or calibration), as numpy."""
+        self._thresholds.floor_learned()  # what exporters, fixed_graph and checkpoints of the net read
         return {name: param.data().asnumpy() for name, param in self._shared.items()}
 
     def current_float_graph(self) -> Graph:

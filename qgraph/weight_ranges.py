@@ -12,13 +12,18 @@ weights QAT starts from, so a resumed run that loads those first chooses the sam
 
 With fake BatchNorm (passes/fake_bn.py) the quantized weight is the folded one, W * s with
 s = gamma / sqrt(running_var + eps) per output channel, so the range applies to W * s: W is
-clipped to t / |s|.
+clipped to t / |s|, with the s of the statistics QAT starts from. Those are the same for every
+worker and context of a run, a resumed one included, where each one's running statistics drift
+apart until they are averaged; with BatchNorm not frozen, the grid then moves with s / s_0.
+A group whose range is 0 (all-zero weights, or gamma = 0) is left unbounded.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import mxnet as mx
 import numpy as np
+from mxnet import autograd
 
 from .deploy.integers import round_ties
 from .errors import ConfigError
@@ -52,8 +57,8 @@ def mse_ranges(grouped: np.ndarray, levels: int, axes: tuple, rounding: str = "h
 class _Clip:
     spec: FakeQuantSpec
     weight: str            # the parameter holding W
-    bn: str | None         # the fake-BN BatchNorm whose running statistics fold W, if any
-    ranges: np.ndarray     # t per group, shaped as W * s grouped by spec.reshape and reduced over spec.axes
+    ranges: np.ndarray     # t per group, as W * s_0 grouped by spec.reshape is reduced over spec.axes
+    bound: np.ndarray      # t / |s_0| for every element of W (float32; inf where unbounded)
 
 
 class WeightRanges:
@@ -64,13 +69,14 @@ class WeightRanges:
     def __init__(self, clips: list[_Clip]):
         self.clips = clips
         self.moved = 0  # values the first clip moved
+        self._bounds: dict = {}  # (weight, context) -> the bound as an NDArray there
 
     @classmethod
     def choose(cls, net) -> "WeightRanges":
         """The ranges of least squared error (mse_ranges) of every weight spec of `net`, from its
-        current weights; clips the weights into them."""
+        current weights (and BatchNorm statistics); clips the weights into them."""
         values = net.parameter_values()
-        clips = []
+        clips, moved = [], 0
         for spec in net.weight_specs:
             if spec.winograd:
                 raise ConfigError(f"weight ranges: '{spec.layer}' quantizes its weight in the Winograd domain, "
@@ -79,34 +85,33 @@ class WeightRanges:
                 raise ConfigError(f"weight ranges: '{spec.layer}' has learned rounding (AdaRound); "
                                   "clipping would change the weights it was learned for")
             weight, bn = _weight_source(net.float_graph, spec)
-            folded = _folded(spec, values[weight], _bn_scale(net.float_graph, bn, values) if bn else None)
-            clips.append(_Clip(spec, weight, bn, mse_ranges(folded, spec.levels, spec.axes, spec.rounding)))
+            w = values[weight]
+            scale = _bn_scale(net.float_graph, bn, values) if bn else np.ones(w.shape[0])
+            per_channel = np.abs(scale).reshape(-1, *([1] * (w.ndim - 1)))
+            folded = (w.astype(np.float64) * per_channel).reshape(spec.reshape)
+            ranges = mse_ranges(folded, spec.levels, spec.axes, spec.rounding)
+            limit = np.broadcast_to(np.where(ranges > 0, ranges, np.inf), folded.shape).reshape(w.shape)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                bound = np.where(per_channel > 0, limit / per_channel, np.inf).astype(np.float32)
+            moved += int((np.abs(w) > bound).sum())
+            clips.append(_Clip(spec, weight, ranges, bound))
         ranges = cls(clips)
-        ranges.moved = ranges.apply(net)
+        ranges.apply(net)
+        ranges.moved = moved
         return ranges
 
-    def apply(self, net) -> int:
-        """Clip every weight into its range (as W * s with fake BN); returns how many values moved."""
+    def apply(self, net) -> None:
+        """Clip every weight into its range, on each context, without leaving the device."""
         params = net.collect_params()
-        moved = 0
-        for clip in self.clips:
-            values = {clip.weight: params[clip.weight].data().asnumpy()}
-            scale = None
-            if clip.bn is not None:
-                values.update(_bn_values(net.float_graph, clip.bn, params))
-                scale = _bn_scale(net.float_graph, clip.bn, values)
-            folded = _folded(clip.spec, values[clip.weight], scale)
-            outside = np.abs(folded) > clip.ranges * (1 + 1e-6)  # not W's float32 rounding of t / s
-            if not outside.any():
-                continue
-            moved += int(outside.sum())
-            clipped = np.clip(folded, -clip.ranges, clip.ranges).reshape(values[clip.weight].shape)
-            if scale is not None:  # back to W; a zero scale's channel is zero either way, keep W
-                per_channel = scale.reshape(-1, *([1] * (clipped.ndim - 1)))
-                clipped = np.where(per_channel != 0, clipped / np.where(per_channel != 0, per_channel, 1),
-                                   values[clip.weight])
-            params[clip.weight].set_data(clipped.astype(values[clip.weight].dtype))
-        return moved
+        with autograd.pause():
+            for clip in self.clips:
+                for data in params[clip.weight].list_data():
+                    key = (clip.weight, data.context)
+                    if key not in self._bounds:
+                        bound = mx.nd.array(clip.bound, ctx=data.context, dtype=data.dtype)
+                        self._bounds[key] = (-bound, bound)
+                    lower, upper = self._bounds[key]
+                    mx.nd.broadcast_minimum(mx.nd.broadcast_maximum(data, lower), upper, out=data)
 
     def ranges(self) -> dict[str, np.ndarray]:
         """layer -> its ranges, one per scale group."""
@@ -129,17 +134,3 @@ def _bn_scale(graph, bn: str, values) -> np.ndarray:
     """The fold's s of BatchNorm `bn` for the parameter values in `values` (name -> array)."""
     gamma, _, _, variance = (r.node for r in graph.inputs(bn)[1:5])
     return bn_scale(graph, bn, values[gamma], values[variance])
-
-
-def _bn_values(graph, bn: str, params) -> dict:
-    gamma, _, _, variance = (r.node for r in graph.inputs(bn)[1:5])
-    return {name: params[name].data().asnumpy() for name in (gamma, variance)}
-
-
-def _folded(spec: FakeQuantSpec, weight: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
-    """The quantized weight as the spec groups it: W (or W * s per output channel, fake BN)
-    reshaped by spec.reshape, in float64."""
-    w = np.asarray(weight, np.float64)
-    if scale is not None:
-        w = w * scale.reshape(-1, *([1] * (w.ndim - 1)))
-    return w.reshape(spec.reshape)

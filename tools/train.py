@@ -48,7 +48,7 @@ from qgraph.launch import fail_fast  # noqa: E402
 
 PROG = "train.py"
 RESUMED_FLAGS = ("qat", "dataset", "epochs", "batch_size", "lr", "wd", "seed", "steps_per_epoch", "fake_bn",
-                 "quant_delay", "freeze_bn_after", "pad_fill", "weight_range")  # a resumed run must repeat them (the checkpoint records them)
+                 "quant_delay", "freeze_bn_after", "pad_fill")  # a resumed run must repeat them (the checkpoint records them)
 
 
 def parse_args(argv=None):
@@ -163,6 +163,8 @@ def run(args) -> int:
     settings = dict({f"--{name.replace('_', '-')}": getattr(args, name) for name in RESUMED_FLAGS},
                     model=Path(args.symbol).name if args.qat else args.model, workers=count,
                     quantization=repr(config_from_args(args)) if args.qat else None)
+    if args.weight_range != "max":  # recorded only when set: checkpoints from before the flag still resume
+        settings["--weight-range"] = args.weight_range
     state = checkpoint.load(args.resume) if args.resume else None
     if state is not None:
         checkpoint.check_settings(state, settings)

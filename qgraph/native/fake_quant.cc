@@ -93,9 +93,11 @@ bool parse(const std::unordered_map<std::string, std::string>& attrs, Params* p)
 }
 
 // |v| <= 32767: half away is floor(|v| + 0.49999997) with v's sign (the float32 sum rounds
-// |v| = k + 0.5 up to k + 1 and nothing below it); half even is rint, the current mode
+// |v| = k + 0.5 up to k + 1 and nothing below it); half even adds and subtracts 1.5 * 2^23 as
+// the operator chain does, which also gives its +0 (rint would give -0) for v in [-0.5, 0]
 inline float round_as(bool half_even, float v) {
-  return half_even ? std::rint(v) : std::copysign(std::floor(std::fabs(v) + 0.49999997f), v);
+  if (half_even) return (v + 12582912.0f) - 12582912.0f;  // not reassociated: no -ffast-math
+  return std::copysign(std::floor(std::fabs(v) + 0.49999997f), v);
 }
 
 template <bool HalfEven>
@@ -294,14 +296,18 @@ void quantize_weight(const float* w, float* y, int64_t groups, int64_t size, con
   for (int64_t g = 0; g < groups; ++g) {
     const float* in = w + g * size;
     float* out = y + g * size;
+    // NaN propagates as through MXNet's max, _maximum_scalar and clip: a diverged weight's
+    // whole group comes out NaN (and an infinite one's: inf / inf, 0 * inf), never hidden
     float magnitude = 0.0f;
-    for (int64_t i = 0; i < size; ++i) magnitude = std::fmax(magnitude, std::fabs(in[i]));
+    for (int64_t i = 0; i < size && !std::isnan(magnitude); ++i) {
+      const float a = std::fabs(in[i]);
+      if (a > magnitude || std::isnan(a)) magnitude = a;
+    }
     const float step = magnitude / p.levels;
-    const float scale = step > p.min_scale ? step : p.min_scale;
+    const float scale = (step > p.min_scale || std::isnan(step)) ? step : p.min_scale;
     for (int64_t i = 0; i < size; ++i) {
       float n = round_as(HalfEven, in[i] / scale);
-      n = n > -p.levels ? n : -p.levels;
-      n = n < p.levels ? n : p.levels;
+      n = n > p.levels ? p.levels : (n < -p.levels ? -p.levels : n);
       out[i] = n * scale;
     }
   }

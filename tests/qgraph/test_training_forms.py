@@ -120,6 +120,8 @@ def test_a_learned_threshold_a_step_takes_below_zero_is_raised_to_the_floor_and_
     param.set_data(mx.nd.array([-12.0]))
     assert net.thresholds()["fc"] == np.float32(LEARNED_FLOOR)  # what every form reads
     param.set_data(mx.nd.array([-12.0]))
+    assert net.parameter_values()["fc_data_threshold"][0] == np.float32(LEARNED_FLOOR)  # what exporters read
+    param.set_data(mx.nd.array([-12.0]))
     x = mx.nd.array(np.random.RandomState(5).uniform(0, 2, (8, 20)).astype(np.float32))
     trainer = gluon.Trainer([param], "sgd", {"learning_rate": 0.1})
     with autograd.record():
