@@ -317,6 +317,7 @@ class Graph:
         """A copy of the graph; without the nodes in `drop` when given, each reader (or graph
         output) of output 0 of a dropped node reading `rewire[node]` instead: what removing them
         from a copy gives, without copying them first."""
+        rewire = rewire or {}
         other = Graph()
         other.nx.graph.update(self.nx.graph)
         # built on networkx's adjacency dicts as MultiDiGraph.copy() builds them (successor order,
@@ -329,7 +330,7 @@ class Graph:
                            "extra": _copy.deepcopy(data["extra"]) if data["extra"] else {}}
             successors[name], predecessors[name] = {}, {}
         if drop:
-            self._copy_edges_rewired(other, drop, rewire or {})
+            self._copy_edges_rewired(other, drop, rewire)
         else:
             for src, targets in self.nx._succ.items():
                 out = successors[src]
@@ -341,7 +342,7 @@ class Graph:
         other.input_shapes = dict(self.input_shapes)
         other.json_attrs = _copy.deepcopy(self.json_attrs)
         if drop:
-            other._outputs = [_rewired(ref, drop, rewire or {}, "the graph outputs") for ref in other._outputs]
+            other._outputs = [_rewired(ref, drop, rewire, "the graph outputs") for ref in other._outputs]
             other._params = {k: v for k, v in other._params.items() if k not in drop}
         else:
             other._edits, other._order = self._edits, self._order

@@ -159,19 +159,18 @@ def add_weight_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True, f
     if fused and _fusable_weight(spec) and native.available():
         quantized = node(native.WEIGHT_FAKE_QUANT_OP, "fused", [private], groups=spec.reshape[0], levels=levels,
                          min_scale=MIN_SCALE, rounding=spec.rounding)
-        exit_ref = _straight_through(node, weight, quantized, ste)
-        graph.set_input(target, slot, exit_ref)
-        return _tag_exit(graph, exit_ref, spec)
-    source = winograd.transform_weight(node, private, spec.winograd) if spec.winograd else private
-    grouped, scale = _grouped_weight_scale(node, source, spec)
-    scaled = node("broadcast_div", "div", [grouped, scale])
-    rounded = _learned_round(graph, node, spec, scaled) if spec.offsets else _round(node, scaled, spec.rounding, False)
-    integers = node("clip", "int", [rounded], a_min=float(-levels), a_max=float(levels))
-    dequantized = node("broadcast_mul", "mul", [integers, scale])
-    if spec.winograd:
-        dequantized = winograd.project_weight(node, dequantized, spec.winograd)
-    # Reshape to the stored shape: reshape_like fails MXNet's partial shape inference here
-    quantized = node("Reshape", "dequant", [dequantized], shape=spec.shape)
+    else:
+        source = winograd.transform_weight(node, private, spec.winograd) if spec.winograd else private
+        grouped, scale = _grouped_weight_scale(node, source, spec)
+        scaled = node("broadcast_div", "div", [grouped, scale])
+        rounded = (_learned_round(graph, node, spec, scaled) if spec.offsets
+                   else _round(node, scaled, spec.rounding, False))
+        integers = node("clip", "int", [rounded], a_min=float(-levels), a_max=float(levels))
+        dequantized = node("broadcast_mul", "mul", [integers, scale])
+        if spec.winograd:
+            dequantized = winograd.project_weight(node, dequantized, spec.winograd)
+        # Reshape to the stored shape: reshape_like fails MXNet's partial shape inference here
+        quantized = node("Reshape", "dequant", [dequantized], shape=spec.shape)
     exit_ref = _straight_through(node, weight, quantized, ste)
     graph.set_input(target, slot, exit_ref)
     return _tag_exit(graph, exit_ref, spec)

@@ -27,7 +27,7 @@ from mxnet import autograd
 
 from .deploy.integers import round_ties
 from .errors import ConfigError
-from .folding import bn_scale
+from .folding import bn_scale, fake_bn_fold
 from .quantizer import FakeQuantSpec
 from .tags import FAKE_BN_TAG
 
@@ -122,12 +122,15 @@ def _weight_source(graph, spec: FakeQuantSpec) -> tuple[str, str | None]:
     """(the parameter a weight spec quantizes, the fake-BN BatchNorm folding it or None)."""
     source = graph.inputs(spec.layer)[spec.slot].node
     bn = graph.attrs(source).get(FAKE_BN_TAG)
-    if bn and graph.op(source) == "broadcast_div":  # conv(x, (W * s) / s): W is the fold's first input
-        source = graph.inputs(graph.inputs(source)[0].node)[0].node
+    folded = fake_bn_fold(graph, spec.layer, bn) if bn else None
+    if folded is not None:  # conv(x, (W * s) / s): W is the fold's first input
+        source = graph.inputs(folded.node)[0].node
+    else:
+        bn = None
     if graph.op(source) != "null":
         raise ConfigError(f"weight ranges: the weight of '{spec.layer}' is computed by '{source}', "
                           "not a stored parameter")
-    return source, bn or None
+    return source, bn
 
 
 def _bn_scale(graph, bn: str, values) -> np.ndarray:

@@ -141,15 +141,6 @@ MXReturnValue backward(const std::unordered_map<std::string, std::string>& attrs
   return MX_SUCCESS;
 }
 
-MXReturnValue parse_attrs(const std::unordered_map<std::string, std::string>& attrs, int* num_in,
-                          int* num_out) {
-  Params p;
-  if (!parse(attrs, &p)) return MX_FAIL;
-  *num_in = 1;
-  *num_out = 1;
-  return MX_SUCCESS;
-}
-
 // the fake-quant operators' output is shaped and typed as their first input
 MXReturnValue infer_type(const std::unordered_map<std::string, std::string>& attrs,
                          std::vector<int>* in_types, std::vector<int>* out_types) {
@@ -224,15 +215,6 @@ MXReturnValue backward_online(const std::unordered_map<std::string, std::string>
     float* data = gradient.data<float>();
     std::fill(data, data + gradient.size(), 0.0f);
   }
-  return MX_SUCCESS;
-}
-
-MXReturnValue parse_attrs_online(const std::unordered_map<std::string, std::string>& attrs, int* num_in,
-                                 int* num_out) {
-  OnlineParams p;
-  if (!parse_online(attrs, &p)) return MX_FAIL;
-  *num_in = 2;
-  *num_out = 1;
   return MX_SUCCESS;
 }
 
@@ -339,11 +321,12 @@ MXReturnValue backward_weight(const std::unordered_map<std::string, std::string>
   return MX_SUCCESS;
 }
 
-MXReturnValue parse_attrs_weight(const std::unordered_map<std::string, std::string>& attrs, int* num_in,
-                                 int* num_out) {
-  WeightParams p;
-  if (!parse_weight(attrs, &p)) return MX_FAIL;
-  *num_in = 1;
+// ParseAttrs of a fake-quant operator: its attributes parse, `Inputs` inputs, one output
+template <typename P, bool (*Parse)(const std::unordered_map<std::string, std::string>&, P*), int Inputs>
+MXReturnValue parse_attrs_of(const std::unordered_map<std::string, std::string>& attrs, int* num_in, int* num_out) {
+  P p;
+  if (!Parse(attrs, &p)) return MX_FAIL;
+  *num_in = Inputs;
   *num_out = 1;
   return MX_SUCCESS;
 }
@@ -415,28 +398,28 @@ REGISTER_OP(qgraph_fingerprint)
     .setForward(forward_fingerprint, "cpu");
 
 REGISTER_OP(qgraph_fake_quant_weight)
-    .setParseAttrs(parse_attrs_weight)
+    .setParseAttrs(parse_attrs_of<WeightParams, parse_weight, 1>)
     .setInferType(infer_type)
     .setInferShape(infer_shape)
     .setForward(forward_weight, "cpu")
     .setBackward(backward_weight, "cpu");
 
 REGISTER_OP(qgraph_fake_quant_learned)
-    .setParseAttrs(parse_attrs_online)
+    .setParseAttrs(parse_attrs_of<OnlineParams, parse_online, 2>)
     .setInferType(infer_type)
     .setInferShape(infer_shape)
     .setForward(forward_learned, "cpu")
     .setBackward(backward_learned, "cpu");
 
 REGISTER_OP(qgraph_fake_quant_online)
-    .setParseAttrs(parse_attrs_online)
+    .setParseAttrs(parse_attrs_of<OnlineParams, parse_online, 2>)
     .setInferType(infer_type)
     .setInferShape(infer_shape)
     .setForward(forward_online, "cpu")
     .setBackward(backward_online, "cpu");
 
 REGISTER_OP(qgraph_fake_quant)
-    .setParseAttrs(parse_attrs)
+    .setParseAttrs(parse_attrs_of<Params, parse, 1>)
     .setInferType(infer_type)
     .setInferShape(infer_shape)
     .setForward(forward, "cpu")
