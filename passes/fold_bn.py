@@ -33,13 +33,16 @@ class FoldBN:
             else:
                 pairs.append((layer, bn))
         scales = {pair: bn_scale_shift(graph, pair[1]) for pair in pairs}
-        weights = folded_weights(graph, {pair: scale for pair, (scale, _) in scales.items()})
+        weights, job = folded_weights(graph, {pair: scale for pair, (scale, _) in scales.items()})
+        written = []
         for layer, bn in pairs:
             if getattr(ctx.config, "equalize", False):
                 graph.set_attr(layer, BN_STATS_TAG, format_statistics(*output_statistics(graph, bn)))
-            _rewrite_pair(graph, layer, bn, scales[layer, bn], weights.get((layer, bn)))
+            written.append(_rewrite_pair(graph, layer, bn, scales[layer, bn], weights.get((layer, bn))))
             ctx.report.changed(self.name, layer, f"folded {bn}")
         graph.cleanup()
+        if job is not None:  # some products are still being written: reading them waits
+            graph.mark_pending([name for name in written if name is not None and graph.is_param(name)], job)
         return graph
 
 
@@ -54,13 +57,14 @@ def _owned_param(graph: Graph, name: str, reader: str, value) -> str:
     return graph.add_variable(f"{name}_folded", value, attrs={})
 
 
-def _rewrite_pair(graph: Graph, layer: str, bn: str, scale_shift, new_weight) -> None:
+def _rewrite_pair(graph: Graph, layer: str, bn: str, scale_shift, new_weight) -> str | None:
     """Fold `bn` (its bn_scale_shift) into `layer`; `new_weight` is the folded stored weight
-    (None for a fake-BN layer)."""
+    (None for a fake-BN layer). Returns the parameter now holding `new_weight`."""
     op, attrs = graph.op(layer), graph.attrs(layer)
     inputs = graph.inputs(layer)
     scale, shift = scale_shift
     folded = fake_bn_fold(graph, layer, bn)
+    new_weight_name = None
     if folded is not None:
         graph.set_input(layer, 1, folded)
         dtype = graph.params[graph.inputs(bn)[1].node].dtype
@@ -86,3 +90,4 @@ def _rewrite_pair(graph: Graph, layer: str, bn: str, scale_shift, new_weight) ->
         graph.set_attr(layer, "no_bias", "False")
     graph.replace_all_uses(TensorRef(bn, 0), TensorRef(layer, 0))
     graph.remove_node(bn)
+    return new_weight_name

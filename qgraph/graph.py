@@ -16,6 +16,11 @@ which checks that the tensors it references exist and raises GraphError naming t
 `lint()` checks the structure in pure Python; `verify()` adds MXNet's operator and
 shape checks. Loading and saving files and blocks lives in qgraph.io.
 
+A parameter's value may still be being written by a background job (fold_bn's products,
+qgraph.background) when the pass that set it returns: `mark_pending` records that, reading
+the value through `params` waits for the job, `param_shape` does not, and copies share the
+record. `settle()` waits for every pending value.
+
 The verbs read networkx's adjacency dicts (`_node`, `_succ`, `_pred`) rather than its views:
 the views cost more than the work, and a graph whose cached views were touched is a
 reference cycle, left for the cyclic garbage collector, whose full collections over these
@@ -27,8 +32,9 @@ import copy as _copy
 import heapq
 import json
 from operator import itemgetter
+from concurrent.futures import Future
 from types import MappingProxyType
-from typing import Collection, Iterable, Mapping, NamedTuple, Sequence
+from typing import Collection, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import mxnet as mx
 import networkx as nx
@@ -119,6 +125,28 @@ class NodeBuilder:
         return TensorRef(self.graph.add_node(op, f"{self.prefix}_{suffix}", inputs, {**attrs, **self.tags}))
 
 
+class _PendingParams(Mapping):
+    """Graph.params while background jobs write some values: reading any of those waits for
+    every job (Graph.settle); names, membership and other values do not wait."""
+
+    def __init__(self, graph: "Graph"):
+        self._graph = graph
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._graph._pending:
+            self._graph.settle()
+        return self._graph._params[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._graph._params)
+
+    def __len__(self) -> int:
+        return len(self._graph._params)
+
+    def __contains__(self, name) -> bool:
+        return name in self._graph._params
+
+
 class Graph:
     """A Symbol graph plus its parameters; see the module docstring."""
 
@@ -131,11 +159,39 @@ class Graph:
         self.json_attrs: dict = {}
         self._edits = 0          # bumped by every structural edit; keys the cached order
         self._order: tuple | None = None
+        self._pending: dict[str, Future] = {}  # parameter -> the job still writing its value
 
     @property
     def params(self) -> Mapping[str, np.ndarray]:
-        """Parameter name -> value (read-only; change values with set_param)."""
+        """Parameter name -> value (read-only; change values with set_param). Reading a value
+        that a background job is still writing waits for the job."""
+        if self._pending and all(job.done() for job in self._pending.values()):
+            self.settle()  # raises what a failed job raised
+        if self._pending:
+            return _PendingParams(self)
         return MappingProxyType(self._params)
+
+    def param_shape(self, name: str) -> tuple:
+        """The shape of parameter `name`'s value, without waiting for a job writing it."""
+        if name not in self._params:
+            raise GraphError(f"'{name}' is not a parameter of the graph")
+        return tuple(self._params[name].shape)
+
+    def mark_pending(self, names: Iterable[str], job: Future) -> None:
+        """The values of parameters `names` are being written by `job` (a Future from
+        qgraph.background): reading them through `params` waits for it."""
+        for name in names:
+            if name not in self._params:
+                raise GraphError(f"'{name}' is not a parameter of the graph")
+            self._pending[name] = job
+
+    def settle(self) -> "Graph":
+        """Wait for every job still writing a parameter value; re-raise what one raised."""
+        jobs = set(self._pending.values())
+        for job in jobs:
+            job.result()
+        self._pending = {}
+        return self
 
     @property
     def outputs(self) -> tuple[TensorRef, ...]:
@@ -346,6 +402,7 @@ class Graph:
             other._params = {k: v for k, v in other._params.items() if k not in drop}
         else:
             other._edits, other._order = self._edits, self._order
+        other._pending = {k: job for k, job in self._pending.items() if k in other._params}
         return other
 
     def _copy_edges_rewired(self, other: "Graph", drop: Collection[str], rewire: Mapping[str, TensorRef]) -> None:
@@ -499,6 +556,7 @@ class Graph:
             raise GraphError(f"'{name}' is not a parameter of the graph (it is a {self.op(name)} node)")
         value = np.asarray(value)
         self._params[name] = value
+        self._pending.pop(name, None)
         if "__shape__" in self.attrs(name):
             self.set_attr(name, "__shape__", format_tuple(value.shape))
         return name

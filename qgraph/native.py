@@ -9,6 +9,8 @@ for the training form with a learned (LSQ) threshold, its gradient included;
 `qgraph_fake_quant_weight` computes a weight quantizer (a scale per group along the first axis)
 in one pass instead of eleven operators; `qgraph_fingerprint`
 gives a weighted sum of each input, which tells the evaluation form that weights changed. The
+same library holds plain C functions over host arrays (`host()`: BatchNorm folding's products
+and the finite check of loaded parameters, one GIL-free call per batch of arrays). The
 library is cached per source, MXNet and CPU (it is built for the CPU it runs on) under
 $QGRAPH_CACHE_DIR, else $XDG_CACHE_HOME/qgraph, else ~/.cache/qgraph. Without a compiler, or
 with QGRAPH_NATIVE=0, `available()` is False and the quantizer emits the operator chains
@@ -27,8 +29,10 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable, Sequence
 
 import mxnet as mx
+import numpy as np
 from mxnet.base import _LIB, check_call, mx_uint
 
 log = logging.getLogger(__name__)
@@ -38,23 +42,28 @@ ONLINE_FAKE_QUANT_OP = "qgraph_fake_quant_online"
 LEARNED_FAKE_QUANT_OP = "qgraph_fake_quant_learned"
 WEIGHT_FAKE_QUANT_OP = "qgraph_fake_quant_weight"
 FINGERPRINT_OP = "qgraph_fingerprint"
-SOURCES = (Path(__file__).resolve().parent / "native" / "fake_quant.cc",)
+SOURCES = tuple(Path(__file__).resolve().parent / "native" / name for name in ("fake_quant.cc", "host_arrays.cc"))
 _MXNET = Path(mx.__file__).resolve().parent
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17")
 
-_state: dict = {}  # "loaded": bool once tried, "reason": why not
+_state: dict = {}  # "loaded": bool once tried, "reason": why not, "path": the library loaded
+
+
+def _disabled() -> bool:
+    return os.environ.get("QGRAPH_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def available() -> bool:
     """Whether the fused operators are loaded (building them first if needed). False when
     QGRAPH_NATIVE=0, or when building or loading failed (warned once, with the reason)."""
-    if os.environ.get("QGRAPH_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if _disabled():
         return False
     if "loaded" not in _state:
         try:
             path = library_path()
-            _load(path if path.is_file() else build())
-            _state["loaded"] = True
+            path = path if path.is_file() else build()
+            _load(path)
+            _state.update(loaded=True, path=path)
         except (OSError, subprocess.SubprocessError, mx.base.MXNetError) as err:
             _state.update(loaded=False, reason=str(err).strip().splitlines()[-1] if str(err).strip() else repr(err))
             warnings.warn(f"qgraph: fused operators unavailable ({_state['reason']}); "
@@ -67,6 +76,100 @@ def _load(path: Path) -> None:
     qgraph runs). mx.library.load does this and then regenerates the Python wrappers of all
     of MXNet's operators, which qgraph does not use and which cost 5 MB."""
     check_call(_LIB.MXLoadLib(ctypes.c_char_p(str(path).encode()), mx_uint(0)))
+
+
+class HostArrays:
+    """The library's functions over host float32 arrays (native/host_arrays.cc), as numpy calls.
+    Each takes C-contiguous float32 arrays and releases the GIL for the whole batch."""
+
+    def __init__(self, library: ctypes.CDLL):
+        self._scale_rows = library.qgraph_scale_rows
+        self._scale_rows.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5
+        self._scale_rows.restype = None
+        self._find_nonfinite = library.qgraph_find_nonfinite
+        self._find_nonfinite.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 4
+        self._find_nonfinite.restype = None
+
+    def scale_rows(self, sources: Sequence[np.ndarray], outputs: Sequence[np.ndarray],
+                   scales: Sequence[np.ndarray]) -> Callable[[], None]:
+        """A call (to make on any thread) writing outputs[i] = sources[i] * scales[i] per row of
+        the first axis, one float32 multiply per element; it holds what it reads and writes."""
+        arrays = [*sources, *outputs, *scales]
+        if not all(a.dtype == np.float32 and a.flags.c_contiguous and a.ndim for a in arrays):
+            raise ValueError("scale_rows takes C-contiguous float32 arrays of one or more axes")
+        if not len(sources) == len(outputs) == len(scales) or any(
+                o.shape != s.shape or c.size != s.shape[0] for s, o, c in zip(sources, outputs, scales)):
+            raise ValueError("scale_rows: outputs shaped like sources, a scale per row")
+        rows = np.array([s.shape[0] for s in sources], np.int64)
+        row_len = np.array([s.size // s.shape[0] if s.shape[0] else 0 for s in sources], np.int64)
+        pointers = [np.array([a.ctypes.data for a in group], np.uintp) for group in (sources, outputs, scales)]
+        arguments = (len(sources), *(p.ctypes.data for p in pointers), rows.ctypes.data, row_len.ctypes.data)
+        held = [arrays, pointers, rows, row_len]
+
+        def call() -> None:
+            try:
+                self._scale_rows(*arguments)
+            finally:
+                # before the caller hears it is done (an executor keeps its work, and this call,
+                # a moment longer): from then on the arrays live exactly as long as the caller's
+                held.clear()
+        return call
+
+    def nonfinite_scan(self, arrays: Sequence[np.ndarray]) -> "NonfiniteScan":
+        """A NonfiniteScan of `arrays` (C-contiguous float32)."""
+        if not all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays):
+            raise ValueError("nonfinite_scan takes C-contiguous float32 arrays")
+        return NonfiniteScan(self._find_nonfinite, arrays)
+
+
+class NonfiniteScan:
+    """Which of some arrays is the first to hold NaN or Inf. Calling the scan checks chunks
+    (1 MB each) until none is left; any number of threads may call it at once, each taking the
+    next unchecked chunk. `first()`, once every call has returned, gives the array's index or -1,
+    and lets the arrays go."""
+
+    CHUNK = 1 << 18  # elements
+
+    def __init__(self, function, arrays: Sequence[np.ndarray]):
+        flat = [a.reshape(-1) for a in arrays]
+        chunks = [(k, a[start:start + self.CHUNK]) for k, a in enumerate(flat)
+                  for start in range(0, a.size, self.CHUNK)]
+        self._owner = [k for k, _ in chunks]
+        self._pointers = np.array([c.ctypes.data for _, c in chunks], np.uintp)
+        self._sizes = np.array([c.size for _, c in chunks], np.int64)
+        self._state = np.array([0, len(chunks)], np.int64)  # the next chunk, the first bad one
+        self._arguments = (len(chunks), self._pointers.ctypes.data, self._sizes.ctypes.data,
+                           self._state.ctypes.data, self._state.ctypes.data + self._state.itemsize)
+        self._function, self._arrays = function, list(arrays)
+
+    def __call__(self) -> None:
+        self._function(*self._arguments)
+
+    def first(self) -> int:
+        self._state[0] = len(self._owner)  # a later call finds nothing left to read
+        self._arrays = []
+        bad = int(self._state[1])
+        return self._owner[bad] if bad < len(self._owner) else -1
+
+
+def host() -> HostArrays | None:
+    """The library's host-array functions when the library is loaded or already built (this never
+    compiles it: loading a model should not wait seconds for a compiler; the first simulation
+    builds it) and QGRAPH_NATIVE allows it; else None, and callers compute the same values
+    with numpy."""
+    if _disabled():
+        return None
+    if "host" not in _state:
+        if "loaded" not in _state:
+            if "probed" in _state:
+                return None
+            _state["probed"] = True
+            if not library_path().is_file():
+                return None
+        if not available():
+            return None
+        _state["host"] = HostArrays(ctypes.CDLL(str(_state["path"])))
+    return _state["host"]
 
 
 def symbol(op: str, inputs, **attrs) -> mx.sym.Symbol:

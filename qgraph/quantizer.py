@@ -150,7 +150,7 @@ def add_weight_fake_quant(graph: Graph, spec: FakeQuantSpec, ste: bool = True, f
     if not spec.shape:
         if not graph.is_param(weight.node):
             raise GraphError(f"{spec.id}: spec.shape is empty and '{weight.node}' has no stored value to size it")
-        spec = dataclasses.replace(spec, shape=tuple(graph.params[weight.node].shape))
+        spec = dataclasses.replace(spec, shape=graph.param_shape(weight.node))
     node = _builder(graph, spec)
     levels = spec.levels
     # _copy first: oneDNN grouped convolutions re-lay the shared weight in place, and
@@ -237,7 +237,7 @@ def weight_grouping(graph: Graph, layer: str, granularity: str) -> tuple[tuple, 
     weight = weight_param(graph, layer)
     if not graph.is_param(weight):
         raise GraphError(f"weight of '{layer}' ('{weight}') is not a stored parameter; cannot size its scales")
-    shape = graph.params[weight].shape
+    shape = graph.param_shape(weight)
     op, groups = graph.op(layer), A.get_int(graph.attrs(layer), "num_group", 1, layer)
     if granularity == "layer":
         return (1, -1), (1,)
@@ -256,7 +256,7 @@ def weight_spec(graph: Graph, layer: str, bits: int, granularity: str, rounding:
     `bias_bits`, the layer's bias is quantized too, see add_bias_fake_quant)."""
     reshape, axes = weight_grouping(graph, layer, granularity)
     return FakeQuantSpec("weight", layer, 1, bits, signed=True, granularity=granularity, reshape=reshape, axes=axes,
-                         shape=tuple(graph.params[weight_param(graph, layer)].shape), rounding=rounding,
+                         shape=graph.param_shape(weight_param(graph, layer)), rounding=rounding,
                          bias_bits=bias_bits)
 
 

@@ -37,7 +37,7 @@ def _label(graph: Graph, name: str) -> str:
     lines += [f"{k}={attrs[k]}" for k in _SHOWN_ATTRS if k in attrs]
     for ref in graph.inputs(name):
         if graph.is_param(ref.node):
-            lines.append(f"{ref.node} {tuple(graph.params[ref.node].shape)}")
+            lines.append(f"{ref.node} {graph.param_shape(ref.node)}")
     return "\\n".join(s.replace('"', "'") for s in lines)
 
 
@@ -60,7 +60,7 @@ def _fake_quant_label(graph: Graph, group: str, members: list[str]) -> str:
         lines.append(f"fake-quant weight {sign}{spec.bits} per {spec.granularity}{domain}")
         read = dict.fromkeys(r.node for n in members for r in graph.inputs(n)
                              if graph.is_param(r.node) and FQ_TAG not in graph.attrs(r.node))
-        lines += [f"{name} {tuple(graph.params[name].shape)}" for name in read]
+        lines += [f"{name} {graph.param_shape(name)}" for name in read]
     else:
         lines.append(f"fake-quant input {sign}{spec.bits} per tensor")
         value = graph.params.get(spec.threshold) if spec.threshold else None

@@ -26,6 +26,7 @@ atexit.register(shutil.rmtree, os.environ["MXNET_HOME"], ignore_errors=True)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", category=UserWarning, module=r"mxnet(\..*)?")
 
+import mxnet as mx  # noqa: E402
 import pytest  # noqa: E402
 from helpers import (EVERYTHING_HEADS, Model, build_everything_symbol, build_small_symbol,  # noqa: E402,F401
                      build_tiny_symbol, graph_of, init_params, make_model, run_block, run_graph, run_symbol)
@@ -73,6 +74,16 @@ def small() -> Model:
 @pytest.fixture(scope="session")
 def tiny() -> Model:
     return make_model(build_tiny_symbol(), {"data": (1, 2, 3, 3)}, seed=3)
+
+
+@pytest.fixture
+def saved(small, tmp_path):
+    """The small model saved by MXNet's own writer as prefix-symbol.json + prefix-0000.params."""
+    prefix = tmp_path / "model"
+    small.symbol.save(f"{prefix}-symbol.json")
+    arrays = {("aux:" if k in small.aux_names else "arg:") + k: mx.nd.array(v) for k, v in small.params.items()}
+    mx.nd.save(f"{prefix}-0000.params", arrays)
+    return prefix
 
 
 @pytest.fixture

@@ -16,16 +16,6 @@ from qgraph import GraphError
 from qgraph.io import load_files, read_params
 
 
-@pytest.fixture
-def saved(small, tmp_path):
-    """The small model saved by MXNet's own writer as prefix-symbol.json + prefix-0000.params."""
-    prefix = tmp_path / "model"
-    small.symbol.save(f"{prefix}-symbol.json")
-    arrays = {("aux:" if k in small.aux_names else "arg:") + k: mx.nd.array(v) for k, v in small.params.items()}
-    mx.nd.save(f"{prefix}-0000.params", arrays)
-    return prefix
-
-
 def _snapshot(folder: Path) -> dict:
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
 

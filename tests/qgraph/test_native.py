@@ -3,6 +3,7 @@ reference, ties included), a whole model gives bit-identical outputs and gradien
 with the operator chains they replace, and a machine that cannot build them falls back with
 a warning."""
 import json
+import threading
 import warnings
 
 import mxnet as mx
@@ -255,3 +256,72 @@ def test_saved_graphs_keep_to_stock_operators(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mx.gluon.SymbolBlock.imports(str(tmp_path / "m-symbol.json"), ["data"], str(tmp_path / "m-0000.params"))
+
+
+# ---------------------------------------------------------------------- host-array functions
+def _odd_floats(rng, shape):
+    """Normal values with signed zeros, subnormals, the largest finite values and exact ties mixed in."""
+    values = rng.standard_normal(shape).astype(F32).ravel()
+    specials = F32([0.0, -0.0, 1e-45, -3e-39, np.finfo(F32).max, -np.finfo(F32).max, 0.5, 1.5])
+    values[rng.choice(values.size, min(values.size, 40), replace=False)] = rng.choice(specials, min(values.size, 40))
+    return values.reshape(shape)
+
+
+def test_scale_rows_is_numpys_float32_product_bit_for_bit():
+    """The fold's product: the float64 scale rounded to float32, one multiply, the same bits as
+    numpy's (subnormal and overflowing products included), for shapes whose rows are not a
+    multiple of any vector width."""
+    host = native.host()
+    assert host is not None
+    rng = np.random.default_rng(11)
+    shapes = [(1,), (3, 1), (5, 7), (16, 3, 3, 3), (33, 5, 1, 1), (2, 1000), (0, 4)]
+    sources = [_odd_floats(rng, s) for s in shapes]
+    scales64 = [np.concatenate([rng.uniform(-3, 3, max(s[0] - 2, 0)), [1e-40, 3.0]])[:s[0]] for s in shapes]
+    outputs = [np.full(s, np.nan, F32) for s in shapes]
+    host.scale_rows(sources, outputs, [c.astype(F32) for c in scales64])()
+    for source, scale, out in zip(sources, scales64, outputs):
+        with np.errstate(over="ignore"):
+            expected = np.multiply(source, scale.astype(F32).reshape(-1, *[1] * (source.ndim - 1)))
+        assert np.array_equal(out.view(np.uint32), expected.view(np.uint32)), source.shape
+
+
+def _first_nonfinite(arrays, threads=1):
+    """NonfiniteScan's answer with `threads` threads scanning at once."""
+    scan = native.host().nonfinite_scan(arrays)
+    helpers = [threading.Thread(target=scan) for _ in range(threads - 1)]
+    for helper in helpers:
+        helper.start()
+    scan()
+    for helper in helpers:
+        helper.join()
+    return scan.first()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_nonfinite_scan_finds_the_first_array_holding_nan_or_inf_wherever_it_is(threads):
+    """Positions at the ends of arrays and of the scan's 1 MB chunks (the last array spans three),
+    with one thread or several sharing the chunks."""
+    rng = np.random.default_rng(12)
+    arrays = [_odd_floats(rng, (n,)) for n in (1, 7, 64, 1001, 2 * native.NonfiniteScan.CHUNK + 5)] + [np.zeros(0, F32)]
+    assert _first_nonfinite(arrays, threads) == -1  # the largest finite values pass
+    chunk = native.NonfiniteScan.CHUNK
+    for bad in (np.nan, np.inf, -np.inf, np.uint32(0x7F800001).view(F32)):  # the last: a signalling NaN
+        for index, position in ((0, 0), (1, 6), (2, 31), (3, 1000), (4, 0), (4, chunk - 1), (4, chunk), (4, 2 * chunk + 4)):
+            changed = [a.copy() for a in arrays]
+            changed[index][position] = bad
+            assert _first_nonfinite(changed, threads) == index, (bad, index, position)
+            later = [a.copy() for a in changed]
+            later[4][-1] = np.inf
+            assert _first_nonfinite(later, threads) == min(index, 4)
+
+
+def test_host_functions_refuse_other_dtypes_and_layouts_and_follow_qgraph_native(monkeypatch):
+    host = native.host()
+    with pytest.raises(ValueError, match="float32"):
+        host.nonfinite_scan([np.zeros(3)])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        host.scale_rows([np.zeros((4, 4), F32).T], [np.zeros((4, 4), F32)], [np.ones(4, F32)])
+    with pytest.raises(ValueError, match="a scale per row"):
+        host.scale_rows([np.zeros((4, 4), F32)], [np.zeros((4, 4), F32)], [np.ones(3, F32)])
+    monkeypatch.setenv("QGRAPH_NATIVE", "0")
+    assert native.host() is None

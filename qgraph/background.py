@@ -1,0 +1,62 @@
+"""Array work that runs on one background thread while Python goes on: BatchNorm folding's
+products (read later through Graph.params, which waits for them) and the finite check of
+loaded parameters (joined before load returns).
+
+A job is a native call that releases the GIL for its whole batch (qgraph.native.host), so it
+takes the second core while the passes that follow run Python on the first: on ResNet-18,
+folding's 47 MB of products hide behind insert_fake_quant and emit. A job keeps every array it
+reads or writes alive until it ends, so dropping a graph early is safe. Before a fork, every
+job is waited for (a child would inherit the arrays but not the thread).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+_lock = threading.Lock()
+_executor: ThreadPoolExecutor | None = None
+_running: set[Future] = set()
+
+
+def submit(function: Callable[[], Any], keep: tuple = ()) -> Future:
+    """Run `function()` on the background thread; `keep` (the arrays it touches) stays referenced
+    until it ends. The Future's result() is what it returned, or re-raises what it raised."""
+    global _executor
+    with _lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qgraph-background")
+        try:
+            job = _executor.submit(_run, function, keep)
+        except RuntimeError:  # the interpreter is shutting down: no new threads, so run it here
+            job = Future()
+            try:
+                job.set_result(function())
+            except BaseException as err:  # noqa: BLE001 - handed to whoever reads the result
+                job.set_exception(err)
+            return job
+        _running.add(job)
+    job.add_done_callback(_finished)
+    return job
+
+
+def _run(function: Callable[[], Any], keep: tuple) -> Any:
+    return function()
+
+
+def _finished(job: Future) -> None:
+    with _lock:
+        _running.discard(job)
+
+
+def wait_all() -> None:
+    """Wait for every job submitted so far (errors stay with their Futures)."""
+    with _lock:
+        jobs = list(_running)
+    for job in jobs:
+        job.exception()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=wait_all)
