@@ -103,7 +103,7 @@ def _layer_blocker(graph: Graph, layer: str) -> str | None:
         if len(A.get_tuple(attrs, "kernel", (), layer)) != 2 or attrs.get("layout", "None") not in ("None", "NCHW"):
             return f"{layer} is not a 2-D NCHW convolution"
         groups = A.get_int(attrs, "num_group", 1, layer)
-        if groups > 1 and not eq.is_depthwise(graph.params[weight].shape, groups):
+        if groups > 1 and not eq.is_depthwise(graph.param_shape(weight), groups):
             return f"{layer} is grouped ({groups} groups) but not depthwise"
     return None
 

@@ -55,9 +55,9 @@ def _rewrite(graph: Graph, conv: str, bn: str) -> None:
     attrs = graph.attrs(bn)
     gamma, _, _, running_var = graph.inputs(bn)[1:5]
     weight = graph.inputs(conv)[1]
-    ndim = len(graph.params[weight.node].shape)
+    ndim = len(graph.param_shape(weight.node))
     # MXNet cannot infer a parameter's shape backwards through broadcast ops
-    graph.set_attr(weight.node, "__shape__", format_tuple(graph.params[weight.node].shape))
+    graph.set_attr(weight.node, "__shape__", format_tuple(graph.param_shape(weight.node)))
     node = graph.builder(f"{conv}_fakebn", {FAKE_BN_TAG: bn})
     inv_std = node("rsqrt", "inv_std", [node("_plus_scalar", "var_eps", [running_var],
                                              scalar=A.get_float(attrs, "eps", 1e-3, bn))])

@@ -33,16 +33,20 @@ class FoldBN:
             else:
                 pairs.append((layer, bn))
         scales = {pair: bn_scale_shift(graph, pair[1]) for pair in pairs}
-        weights, job = folded_weights(graph, {pair: scale for pair, (scale, _) in scales.items()})
-        written = []
-        for layer, bn in pairs:
-            if getattr(ctx.config, "equalize", False):
-                graph.set_attr(layer, BN_STATS_TAG, format_statistics(*output_statistics(graph, bn)))
-            written.append(_rewrite_pair(graph, layer, bn, scales[layer, bn], weights.get((layer, bn))))
-            ctx.report.changed(self.name, layer, f"folded {bn}")
-        graph.cleanup()
-        if job is not None:  # some products are still being written: reading them waits
-            graph.mark_pending([name for name in written if name is not None and graph.is_param(name)], job)
+        folded = folded_weights(graph, {pair: scale for pair, (scale, _) in scales.items()})
+        written = []  # parameters now holding arrays the background job is still writing
+        try:
+            for layer, bn in pairs:
+                if getattr(ctx.config, "equalize", False):
+                    graph.set_attr(layer, BN_STATS_TAG, format_statistics(*output_statistics(graph, bn)))
+                name = _rewrite_pair(graph, layer, bn, scales[layer, bn], folded.arrays.get((layer, bn)))
+                if (layer, bn) in folded.pending:
+                    written.append(name)
+                ctx.report.changed(self.name, layer, f"folded {bn}")
+            graph.cleanup()
+        finally:  # even when a rewrite fails: what the graph holds must not be read unwritten
+            if folded.job is not None:
+                graph.mark_pending([name for name in written if graph.is_param(name)], folded.job)
         return graph
 
 

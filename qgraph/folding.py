@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import mmap
 from concurrent.futures import Future
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -115,8 +115,8 @@ def empty_arrays(templates: Sequence[np.ndarray]) -> list[np.ndarray]:
     Every page is faulted in here, on the calling thread, even when a background job will write
     the arrays (folded_weights). Faulted by the background thread, ResNet-18's took up to 120 ms
     instead of 10, all of it system time for the same number of faults, in 0 to 16 of 30 runs
-    of the pass pipeline; faulted here, in none. Our reading: Linux hands a CPU the pages it
-    freed last, and hands another CPU pages that this VM's host must back afresh."""
+    of the pass pipeline on this VM; faulted here, in none of 90. Our reading: Linux hands a
+    CPU the pages it freed last, and another CPU pages that this VM's host must back afresh."""
     offsets, total = [], 0
     for template in templates:
         offsets.append(total)
@@ -126,11 +126,16 @@ def empty_arrays(templates: Sequence[np.ndarray]) -> list[np.ndarray]:
     return [arena[start:start + t.nbytes].view(t.dtype).reshape(t.shape) for start, t in zip(offsets, templates)]
 
 
-def folded_weights(graph: Graph, scales: Mapping[tuple[str, str], np.ndarray]
-                   ) -> tuple[dict[tuple[str, str], np.ndarray], Future | None]:
+class FoldedWeights(NamedTuple):
+    arrays: dict[tuple[str, str], np.ndarray]  # (layer, BatchNorm) -> W * s
+    job: Future | None                         # still writing the arrays of these pairs:
+    pending: frozenset                         # read them only once it is done
+
+
+def folded_weights(graph: Graph, scales: Mapping[tuple[str, str], np.ndarray]) -> FoldedWeights:
     """W * s (scaled_weight) for each (layer, BatchNorm) pair -> s whose weight is a stored
     parameter (a fake-BN layer's is not: fake_bn_fold), keyed by the pair, written into one
-    allocation (empty_arrays), and the job still writing some of them, or None.
+    allocation (empty_arrays).
 
     With the native library (qgraph.native.host), the float32 weights of Convolution and
     FullyConnected layers (a scale per row) are multiplied by one call on the background
@@ -142,15 +147,16 @@ def folded_weights(graph: Graph, scales: Mapping[tuple[str, str], np.ndarray]
               for (layer, bn), scale in scales.items() if fake_bn_fold(graph, layer, bn) is None]
     outputs = empty_arrays([weight for _, _, weight, _, _ in layers])
     host = native.host()
-    deferred = []
-    for (_, op, weight, scale, groups), out in zip(layers, outputs):
+    deferred, pending = [], set()
+    for (pair, op, weight, scale, groups), out in zip(layers, outputs):
         if (host is not None and op != "Deconvolution" and weight.dtype == np.float32 and weight.ndim
                 and weight.flags.c_contiguous):
             deferred.append((weight, out, scale.astype(np.float32)))
+            pending.add(pair)
         else:
             scaled_weight(op, weight, scale, groups, out)
     job = background.submit(host.scale_rows(*zip(*deferred))) if deferred else None
-    return {layer[0]: out for layer, out in zip(layers, outputs)}, job
+    return FoldedWeights({layer[0]: out for layer, out in zip(layers, outputs)}, job, frozenset(pending))
 
 
 def output_statistics(graph: Graph, bn: str) -> tuple[np.ndarray, np.ndarray]:

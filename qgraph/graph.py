@@ -18,8 +18,9 @@ shape checks. Loading and saving files and blocks lives in qgraph.io.
 
 A parameter's value may still be being written by a background job (fold_bn's products,
 qgraph.background) when the pass that set it returns: `mark_pending` records that, reading
-the value through `params` waits for the job, `param_shape` does not, and copies share the
-record. `settle()` waits for every pending value.
+such a value through `params` waits for every job still writing (and raises what a failed one
+raised), `param_shape`, names and membership do not wait, and copies share the record.
+`settle()` waits for every pending value.
 
 The verbs read networkx's adjacency dicts (`_node`, `_succ`, `_pred`) rather than its views:
 the views cost more than the work, and a graph whose cached views were touched is a
@@ -126,8 +127,9 @@ class NodeBuilder:
 
 
 class _PendingParams(Mapping):
-    """Graph.params while background jobs write some values: reading any of those waits for
-    every job (Graph.settle); names, membership and other values do not wait."""
+    """Graph.params while background jobs write some values (or one failed): reading any of
+    those waits for every job and raises what a failed one raised (Graph.settle); names,
+    membership and other values neither wait nor raise."""
 
     def __init__(self, graph: "Graph"):
         self._graph = graph
@@ -164,9 +166,9 @@ class Graph:
     @property
     def params(self) -> Mapping[str, np.ndarray]:
         """Parameter name -> value (read-only; change values with set_param). Reading a value
-        that a background job is still writing waits for the job."""
-        if self._pending and all(job.done() for job in self._pending.values()):
-            self.settle()  # raises what a failed job raised
+        that a background job is still writing waits for it (see the module docstring)."""
+        if self._pending and all(job.done() and job.exception() is None for job in self._pending.values()):
+            self._pending = {}
         if self._pending:
             return _PendingParams(self)
         return MappingProxyType(self._params)
@@ -186,7 +188,8 @@ class Graph:
             self._pending[name] = job
 
     def settle(self) -> "Graph":
-        """Wait for every job still writing a parameter value; re-raise what one raised."""
+        """Wait for every job still writing a parameter value; re-raise what one raised (its
+        values stay pending: they were never written)."""
         jobs = set(self._pending.values())
         for job in jobs:
             job.result()
@@ -671,6 +674,7 @@ class Graph:
         self.nx.remove_node(name)
         self._edits += 1
         self._params.pop(name, None)
+        self._pending.pop(name, None)
         if name in self.input_names:
             self.input_names.remove(name)
 
@@ -686,6 +690,7 @@ class Graph:
         for name in [n for n in self.nx if n not in live and n not in self.input_names]:
             self.nx.remove_node(name)
             self._params.pop(name, None)
+            self._pending.pop(name, None)
         self._edits += 1
         return self
 

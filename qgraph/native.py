@@ -107,6 +107,8 @@ class HostArrays:
         held = [arrays, pointers, rows, row_len]
 
         def call() -> None:
+            if not held:
+                raise RuntimeError("a scale_rows call runs once")  # its arrays are gone
             try:
                 self._scale_rows(*arguments)
             finally:

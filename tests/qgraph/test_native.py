@@ -315,6 +315,23 @@ def test_nonfinite_scan_finds_the_first_array_holding_nan_or_inf_wherever_it_is(
             assert _first_nonfinite(later, threads) == min(index, 4)
 
 
+def test_nonfinite_scan_keeps_the_first_bad_chunk_when_threads_race():
+    """Every chunk bad and three threads released at once, many times: whichever finds one
+    later, the answer is the first (the lowering of the shared index is atomic)."""
+    arrays = [np.full(native.NonfiniteScan.CHUNK, np.nan, F32) for _ in range(4)]
+    wrong = 0
+    for _ in range(200):
+        scan = native.host().nonfinite_scan(arrays)
+        start = threading.Barrier(3)
+        threads = [threading.Thread(target=lambda: (start.wait(), scan())) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wrong += scan.first() != 0
+    assert wrong == 0
+
+
 def test_host_functions_refuse_other_dtypes_and_layouts_and_follow_qgraph_native(monkeypatch):
     host = native.host()
     with pytest.raises(ValueError, match="float32"):
