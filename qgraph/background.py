@@ -21,10 +21,11 @@ _executor: ThreadPoolExecutor | None = None
 _running: set[Future] = set()
 
 
-def submit(function: Callable[[], Any], keep: tuple = ()) -> Future:
-    """Run `function()` on the background thread; `keep` (the arrays it touches) stays referenced
-    until it ends. The Future's result() is what it returned, or re-raises what it raised. With
-    no thread to run it (the interpreter shutting down, or none can be started) it runs here."""
+def submit(function: Callable[[], Any]) -> Future:
+    """Run `function()` on the background thread (it holds the arrays it touches: see
+    qgraph.native's calls). The Future's result() is what it returned, or re-raises what it
+    raised. With no thread to run it (the interpreter shutting down, or none can be started) it
+    runs here."""
     global _executor
     once = _once(function)
     with _lock:
@@ -32,7 +33,7 @@ def submit(function: Callable[[], Any], keep: tuple = ()) -> Future:
             _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qgraph-background")
         executor = _executor
     try:
-        job = executor.submit(_run, once, keep)
+        job = executor.submit(once)
     except RuntimeError:
         # a failed thread start leaves the work queued, to run if a later one starts: `once`
         # makes that second run do nothing
@@ -56,10 +57,6 @@ def _once(function: Callable[[], Any]) -> Callable[[], Any]:
             return None
         return function()
     return run
-
-
-def _run(function: Callable[[], Any], keep: tuple) -> Any:
-    return function()
 
 
 def _finished(job: Future) -> None:

@@ -192,10 +192,9 @@ def start_finite_check(params: Mapping[str, np.ndarray], source: str,
         if job is not None and not job.cancel():  # not cancelled: it started, and may still read
             job.result()
         index = scan.first()
-        slow = _first_nonfinite((k, v) for k, v in params.items() if k not in fast_names)
-        candidates = [name for name in (fast[index][0] if index >= 0 else None, slow) if name is not None]
-        order = {name: i for i, name in enumerate(params)}
-        _raise_nonfinite(params, source, min(candidates, key=order.__getitem__, default=None))
+        bad = {fast[index][0] if index >= 0 else None,
+               _first_nonfinite((k, v) for k, v in params.items() if k not in fast_names)}
+        _raise_nonfinite(params, source, next((name for name in params if name in bad), None))
     return finish
 
 
